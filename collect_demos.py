@@ -1,0 +1,606 @@
+"""Scripted, state-based expert demonstrations for robosuite Lift / Can / Square.
+
+Each expert is a small phase machine that reads object and gripper poses from the
+simulator and servos the OSC_POSE controller (7-D delta action). Per-episode randomness
+(gains, speed caps, hover heights, waypoint offsets, grasp durations, Gaussian action
+noise) makes the demonstrations vary like robomimic's multi-human ("MH") data. Episodes
+stop a few steps after the first success; by default only successful episodes are kept.
+The output is robomimic's hdf5 layout, written by `tasks.write_robomimic_hdf5`.
+
+    python collect_demos.py --task square --episodes 100            # low-dim
+    python collect_demos.py --task lift --episodes 50 --images      # + 96x96 cameras
+
+`collect(...)` is the programmatic entry point (used when a default dataset is missing).
+To add another task (e.g. a locomotion teacher), register an episode runner in RUNNERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+import tasks
+
+# ----------------------------------------------------------------------------- geometry
+POS_SCALE = 0.05  # metres per unit of position action (OSC_POSE output_max)
+ROT_SCALE = 0.5  # radians per unit of rotation action
+GRIP_OPEN, GRIP_CLOSE = -1.0, 1.0
+# Gripper pointing down at yaw 0: site x (finger-closing axis) = world +y, site z = world -z.
+R_DOWN = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+
+
+def rot_z(a: float) -> np.ndarray:
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def down_at_yaw(yaw: float) -> np.ndarray:
+    """Top-down gripper orientation whose fingers close along rot_z(yaw) @ (0, 1, 0)."""
+    return rot_z(yaw) @ R_DOWN
+
+
+def body_yaw(R: np.ndarray) -> float:
+    """Yaw of a body's x axis in the world xy plane."""
+    return float(np.arctan2(R[1, 0], R[0, 0]))
+
+
+def gripper_yaw(R: np.ndarray) -> float:
+    """Inverse of down_at_yaw for the yaw part (column 0 = (-sin, cos, 0))."""
+    return float(np.arctan2(-R[0, 0], R[1, 0]))
+
+
+def wrap(a: float, period: float = 2 * np.pi) -> float:
+    """Wrap an angle to [-period/2, period/2)."""
+    return float((a + period / 2) % period - period / 2)
+
+
+def rot_err(R_tgt: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """World-frame rotation vector taking R to R_tgt (the controller applies R(delta) @ R)."""
+    return Rotation.from_matrix(R_tgt @ R.T).as_rotvec()
+
+
+# ----------------------------------------------------------------------------- experts
+class ArmExpert:
+    """Phase-machine expert for a single Panda with the OSC_POSE + gripper action.
+
+    Subclasses implement `sample()` (per-episode parameters) and `policy()` (returns the
+    clean action and may call `goto`). `__call__` adds Gaussian noise and clips.
+    """
+
+    first_phase = "hover"
+    max_retries = 3
+
+    def __init__(self, sim_env, rng: np.random.Generator, noise: float):
+        self.env = sim_env
+        self.sim = sim_env.sim
+        self.rng = rng
+        self.noise = noise
+        self.site = sim_env.robots[0].eef_site_id["right"]
+        self.kp = rng.uniform(0.8, 1.2)
+        self.vmax = rng.uniform(0.6, 1.0)
+        self.phase, self.t = self.first_phase, 0
+        self.retries = 0
+        self.prev_pos = self.eef()[0]
+        self.speed = 0.0  # eef displacement over the last step (m)
+        self.sample()
+
+    # -- helpers
+    def eef(self):
+        d = self.sim.data
+        return d.site_xpos[self.site].copy(), d.site_xmat[self.site].reshape(3, 3).copy()
+
+    def body(self, body_id: int):
+        d = self.sim.data
+        return d.body_xpos[body_id].copy(), d.body_xmat[body_id].reshape(3, 3).copy()
+
+    def finger_gap(self) -> float:
+        q = self.sim.data.qpos[self.env.robots[0]._ref_gripper_joint_pos_indexes["right"]]
+        return float(q[0] - q[1])
+
+    def goto(self, phase: str):
+        self.phase, self.t = phase, -1  # t is incremented after policy()
+
+    def servo(self, tgt_pos, tgt_R, grip, vmax=None, vmax_z=None, kp_xy=1.0, rot_gain=1.5) -> np.ndarray:
+        """P-control towards an absolute pose. With vmax_z, xy and z speeds are capped separately;
+        kp_xy scales the xy gain (fine alignment), rot_gain the orientation gain."""
+        pos, R = self.eef()
+        vmax = self.vmax if vmax is None else vmax
+        v = self.kp * (np.asarray(tgt_pos) - pos) / POS_SCALE
+        v[:2] *= kp_xy
+        if vmax_z is None:
+            n = np.linalg.norm(v)
+            if n > vmax:
+                v *= vmax / n
+        else:
+            n = np.linalg.norm(v[:2])
+            if n > vmax:
+                v[:2] *= vmax / n
+            v[2] = np.clip(v[2], -vmax_z, vmax_z)
+        w = np.clip(rot_gain * rot_err(tgt_R, R) / ROT_SCALE, -1.0, 1.0)
+        return np.concatenate([v, w, [grip]])
+
+    def pos_err(self, tgt_pos) -> float:
+        return float(np.linalg.norm(np.asarray(tgt_pos) - self.eef()[0]))
+
+    def ang_err(self, tgt_R) -> float:
+        return float(np.linalg.norm(rot_err(tgt_R, self.eef()[1])))
+
+    def retry(self):
+        """Grasp lost or phase timed out: open and start over (bounded)."""
+        self.retries += 1
+        self.goto("reopen" if self.retries <= self.max_retries else "give_up")
+
+    # -- interface
+    def sample(self):
+        raise NotImplementedError
+
+    def policy(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self) -> np.ndarray:
+        pos = self.eef()[0]
+        self.speed = float(np.linalg.norm(pos - self.prev_pos))
+        self.prev_pos = pos
+        a = self.policy()
+        self.t += 1
+        if self.noise > 0:
+            a = a + self.rng.normal(0.0, self.noise, 7) * np.array([1, 1, 1, 0.3, 0.3, 0.3, 0])
+        return np.clip(a, -1.0, 1.0)
+
+    def common_phases(self, hold_R) -> np.ndarray | None:
+        """Phases shared by all experts (recovery). Returns an action or None."""
+        pos, _ = self.eef()
+        if self.phase == "reopen":  # open and rise, then start again
+            if self.t >= 8:
+                self.goto(self.first_phase)
+            return self.servo(pos + [0, 0, 0.03], hold_R, GRIP_OPEN)
+        if self.phase == "give_up":
+            return self.servo(pos, hold_R, GRIP_OPEN)
+        return None
+
+
+class LiftExpert(ArmExpert):
+    """Hover over the cube, descend, close, lift to ~1.05 m."""
+
+    def sample(self):
+        r = self.rng
+        self.hover_h = r.uniform(0.06, 0.12)
+        self.hover_off = r.uniform(-0.01, 0.01, 2)
+        self.grasp_off = np.append(r.uniform(-0.004, 0.004, 2), -0.005 + r.uniform(-0.003, 0.003))
+        self.close_steps = int(r.integers(6, 12))
+        self.lift_z = r.uniform(1.0, 1.08)
+        self.descend_vmax = r.uniform(0.4, 0.6)
+        self.cube_id = self.env.cube_body_id
+
+    def policy(self):
+        cube, Rc = self.body(self.cube_id)
+        R_t = down_at_yaw(wrap(body_yaw(Rc), np.pi / 2))  # cube is 4-fold symmetric
+        pos, _ = self.eef()
+        a = self.common_phases(R_t)
+        if a is not None:
+            return a
+        if self.phase == "hover":
+            tgt = cube + np.append(self.hover_off, self.hover_h)
+            if self.pos_err(tgt) < 0.012 and self.ang_err(R_t) < 0.08:
+                self.goto("descend")
+            return self.servo(tgt, R_t, GRIP_OPEN)
+        if self.phase == "descend":
+            tgt = cube + self.grasp_off
+            if self.pos_err(tgt) < 0.008 or self.t > 40:
+                self.goto("close")
+                self.hold = tgt
+            return self.servo(tgt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax)
+        if self.phase == "close":
+            if self.t >= self.close_steps:
+                self.goto("lift")
+            return self.servo(self.hold, R_t, GRIP_CLOSE)
+        if self.phase == "lift":
+            if self.t > 5 and (pos[2] - cube[2] > 0.03 or self.finger_gap() < 0.01):
+                self.retry()
+            return self.servo([self.hold[0], self.hold[1], self.lift_z], R_t, GRIP_CLOSE)
+        raise ValueError(self.phase)
+
+
+class CanExpert(ArmExpert):
+    """Grasp the can from above, carry it over the bin quadrant, release ~5 cm above the floor."""
+
+    # Aim well inside the target quadrant: its centre (0.1975, 0.4025) is at the Panda's reach edge.
+    DROP_XY = np.array([0.15, 0.34])
+
+    def sample(self):
+        r = self.rng
+        self.hover_h = r.uniform(0.08, 0.14)
+        self.yaw = r.uniform(-0.3, 0.3)
+        self.grasp_off = np.append(r.uniform(-0.004, 0.004, 2), 0.01 + r.uniform(-0.005, 0.005))
+        self.close_steps = int(r.integers(8, 12))
+        self.carry_z = r.uniform(1.02, 1.08)
+        self.drop_xy = self.DROP_XY + r.uniform(-0.015, 0.015, 2)
+        self.release_z = r.uniform(0.93, 0.97)
+        self.open_steps = 6
+        self.descend_vmax = r.uniform(0.4, 0.6)
+        self.can_id = self.env.obj_body_id["Can"]
+
+    def policy(self):
+        can, _ = self.body(self.can_id)
+        R_t = down_at_yaw(self.yaw)
+        pos, _ = self.eef()
+        a = self.common_phases(R_t)
+        if a is not None:
+            return a
+        held = self.phase in ("lift", "carry", "lower")
+        if held and self.t > 5 and (pos[2] - can[2] > 0.04 or self.finger_gap() < 0.01):
+            self.retry()
+            return self.servo(pos, R_t, GRIP_OPEN)
+        if self.phase == "hover":
+            tgt = can + [0.0, 0.0, self.hover_h]
+            if self.pos_err(tgt) < 0.012 and self.ang_err(R_t) < 0.08:
+                self.goto("descend")
+            return self.servo(tgt, R_t, GRIP_OPEN)
+        if self.phase == "descend":
+            tgt = can + self.grasp_off
+            if self.pos_err(tgt) < 0.008 or self.t > 50:
+                self.goto("close")
+                self.hold = tgt
+            return self.servo(tgt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax)
+        if self.phase == "close":
+            if self.t >= self.close_steps:
+                self.goto("lift")
+            return self.servo(self.hold, R_t, GRIP_CLOSE)
+        if self.phase == "lift":
+            if pos[2] > self.carry_z - 0.03:
+                self.goto("carry")
+            return self.servo([self.hold[0], self.hold[1], self.carry_z], R_t, GRIP_CLOSE)
+        if self.phase == "carry":  # servo the *can's* xy onto the drop point
+            d = self.drop_xy - can[:2]
+            if np.linalg.norm(d) < 0.02:
+                self.goto("lower")
+            return self.servo(np.append(pos[:2] + d, self.carry_z), R_t, GRIP_CLOSE)
+        if self.phase == "lower":
+            d = self.drop_xy - can[:2]
+            if pos[2] < self.release_z + 0.01 or self.t > 60:
+                self.goto("open")
+                self.hold = pos
+            return self.servo(np.append(pos[:2] + d, self.release_z), R_t, GRIP_CLOSE, vmax=0.6)
+        if self.phase == "open":
+            if self.t >= self.open_steps:
+                self.goto("retreat")
+            return self.servo(self.hold, R_t, GRIP_OPEN)
+        if self.phase == "retreat":
+            return self.servo(np.append(self.hold[:2], 1.1), R_t, GRIP_OPEN)
+        raise ValueError(self.phase)
+
+
+class SquareExpert(ArmExpert):
+    """Grasp the nut's handle, yaw it to 180/270 deg over peg 1, lower it onto the peg."""
+
+    def sample(self):
+        r = self.rng
+        self.hover_h = r.uniform(0.06, 0.10)
+        self.grasp_off = np.array([0.0, 0.0, -0.003 + r.uniform(-0.002, 0.002)])
+        self.handle_shift = r.uniform(0.0, 0.008)  # along the handle, away from the ring
+        self.close_steps = int(r.integers(8, 12))
+        self.carry_z = r.uniform(1.00, 1.04)
+        self.lower_vz = r.uniform(0.3, 0.5)
+        self.kp_xy = r.uniform(1.5, 2.0)  # stiffer xy servo of the nut centre over the peg
+        self.rot_gain = r.uniform(2.5, 3.5)  # and of the wrist: ~1 deg of tilt already jams the nut
+        self.descend_vmax = r.uniform(0.4, 0.6)
+        m = self.sim.model
+        self.nut_id = self.env.obj_body_id["SquareNut"]
+        self.handle_site = m.site_name2id("SquareNut_handle_site")
+        self.peg_id = self.env.peg1_body_id
+        self.R_grasp = None
+        self.nut_goal_yaw = None
+        self.realigns = 0
+
+    def policy(self):
+        d = self.sim.data
+        nut, Rn = self.body(self.nut_id)
+        nut_yaw = body_yaw(Rn)
+        handle = d.site_xpos[self.handle_site] + self.handle_shift * Rn[:, 0]
+        peg = d.body_xpos[self.peg_id]
+        pos, R = self.eef()
+        grasp_R = down_at_yaw(wrap(nut_yaw, np.pi))
+        a = self.common_phases(grasp_R if self.R_grasp is None else self.R_grasp)
+        if a is not None:
+            self.R_grasp = None
+            return a
+        held = self.phase in ("lift", "align", "lower", "raise")
+        if held and self.t > 5 and (np.linalg.norm(pos - handle) > 0.04 or self.finger_gap() < 0.01):
+            self.retry()
+            return self.servo(pos, R, GRIP_OPEN)
+        if self.phase == "hover":
+            tgt = handle + [0.0, 0.0, self.hover_h]
+            xy_err = np.linalg.norm(tgt[:2] - pos[:2])
+            if xy_err < 0.005 and self.pos_err(tgt) < 0.012 and self.ang_err(grasp_R) < 0.08:
+                self.goto("descend")
+            return self.servo(tgt, grasp_R, GRIP_OPEN)
+        if self.phase == "descend":
+            tgt = handle + self.grasp_off
+            if self.pos_err(tgt) < 0.006 or self.t > 50:
+                self.goto("close")
+                self.hold = tgt
+            return self.servo(tgt, grasp_R, GRIP_OPEN, vmax_z=self.descend_vmax)
+        if self.phase == "close":
+            if self.t >= self.close_steps:
+                self.goto("lift")
+                self.R_grasp = grasp_R
+            return self.servo(self.hold, grasp_R, GRIP_CLOSE)
+        if self.phase == "lift":
+            if pos[2] > self.carry_z - 0.015:
+                self.goto("align")
+                self.choose_goal_yaw(nut_yaw, gripper_yaw(R))
+            return self.servo([self.hold[0], self.hold[1], self.carry_z], self.R_grasp, GRIP_CLOSE)
+        # closed loop on the nut: gripper yaw target = current yaw + remaining nut yaw error
+        yaw_e = wrap(self.nut_goal_yaw - nut_yaw)
+        R_t = down_at_yaw(gripper_yaw(R) + yaw_e)  # absolute pitch/roll (down), only yaw relative
+        dxy = peg[:2] - nut[:2]
+        if self.phase == "align":
+            done = np.linalg.norm(dxy) < 0.004 and abs(yaw_e) < 0.05 and self.speed < 0.002
+            if done or (self.t > 120 and np.linalg.norm(dxy) < 0.008):
+                self.goto("lower")
+            return self.servo(np.append(pos[:2] + dxy, self.carry_z), R_t, GRIP_CLOSE, vmax_z=0.5,
+                              kp_xy=self.kp_xy, rot_gain=self.rot_gain)
+        if self.phase == "lower":  # z steps only while the nut is centred (xy and z capped separately)
+            z = pos[2] - 0.03 if np.linalg.norm(dxy) < 0.003 else pos[2]
+            stalled = self.t > 20 and self.speed < 0.0005 and np.linalg.norm(dxy) < 0.003
+            if stalled and nut[2] > 0.88 and self.realigns < 2:  # jammed on the peg top: lift, re-align
+                self.realigns += 1
+                self.goto("raise")
+            elif nut[2] < 0.835 or stalled or self.t > 150:
+                self.goto("release")
+                self.hold = pos
+            return self.servo(np.append(pos[:2] + dxy, z), R_t, GRIP_CLOSE, vmax_z=self.lower_vz,
+                              kp_xy=self.kp_xy, rot_gain=self.rot_gain)
+        if self.phase == "raise":
+            if pos[2] > self.carry_z - 0.01 or self.t > 40:
+                self.goto("align")
+            return self.servo(np.append(pos[:2], self.carry_z), R_t, GRIP_CLOSE, vmax_z=0.5)
+        if self.phase == "release":
+            if self.t >= 6:
+                self.goto("retreat")
+            return self.servo(self.hold, R_t, GRIP_OPEN)
+        if self.phase == "retreat":
+            return self.servo(np.append(self.hold[:2], 1.05), R_t, GRIP_OPEN)
+        raise ValueError(self.phase)
+
+    def choose_goal_yaw(self, nut_yaw: float, grip_yaw: float):
+        """Nut yaw 180 or 270 deg: the handle then sits on the robot side of the peg. (0 deg puts the
+        gripper at the reach edge, 90 deg near it: the arm stalls and tilts, the nut jams.)
+        Pick the one needing the least wrist rotation that keeps |gripper yaw| < 150 deg (joint 7)."""
+        offset = wrap(nut_yaw - grip_yaw)
+        best = None
+        for goal in (np.pi, 1.5 * np.pi):
+            g_yaw = wrap(goal - offset)
+            if abs(g_yaw) > np.deg2rad(150):
+                continue
+            cost = abs(wrap(g_yaw - grip_yaw)) + 0.3 * self.rng.random()
+            if best is None or cost < best[0]:
+                best = (cost, goal)
+        self.nut_goal_yaw = best[1] if best else 1.5 * np.pi
+
+
+EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert}
+
+
+# ----------------------------------------------------------------------------- episodes
+def _robomimic_obs(env, task, images: bool, obs_rgb=None, force: bool = False) -> dict:
+    """Raw robosuite obs under robomimic's key names (every robot0_* key except proprio-state,
+    `object`, and `<camera>_image` HWC upright, taken from make_env's "rgb" so they match eval).
+    Without `force` this reads robosuite's observable caches (filled by the last step: no re-render)."""
+    raw = env.sim_env._get_observations(force_update=force)
+    out = {}
+    for k, v in raw.items():
+        if k.startswith("robot0_") and k != "robot0_proprio-state" and not k.endswith("_image"):
+            out[k] = np.array(v, dtype=np.float64)
+    out["object"] = np.array(raw["object-state"], dtype=np.float64)
+    if images:
+        for i, cam in enumerate(task.cameras):
+            out[f"{cam}_image"] = np.ascontiguousarray(obs_rgb[3 * i : 3 * i + 3].transpose(1, 2, 0))
+    return out
+
+
+def run_arm_episode(env, task, rng, noise: float, images: bool, max_steps: int):
+    """Run one scripted episode. Returns (episode dict, success)."""
+    obs = env.reset()
+    sim_env = env.sim_env
+    model_file = sim_env.sim.model.get_xml()
+    expert = EXPERTS[task.name](sim_env, rng, noise)
+    post_success = int(rng.integers(2, 6))  # a few steps past the first success
+    keys = ("actions", "states", "rewards", "dones")
+    ep = {k: [] for k in keys}
+    obs_seq = []
+    success_at = None
+    for t in range(max_steps):
+        # t == 0 in image mode: make_env's reset skips the forced refresh, and PickPlaceCan's
+        # object-state reads partly zero until one (it re-renders the same frame once per episode).
+        obs_seq.append(_robomimic_obs(env, task, images, obs.get("rgb"), force=images and t == 0))
+        ep["states"].append(sim_env.sim.get_state().flatten())
+        action = expert()
+        obs, reward, terminated, truncated, info = env.step(action)
+        ok = bool(info.get("success", False))
+        ep["actions"].append(action)
+        ep["rewards"].append(float(reward))
+        ep["dones"].append(int(ok))
+        if ok and success_at is None:
+            success_at = t
+        if success_at is not None and t >= success_at + post_success:
+            break
+        if truncated or (terminated and not ok):
+            break
+    ep["dones"][-1] = 1
+    out = {
+        "actions": np.asarray(ep["actions"], dtype=np.float64),
+        "states": np.asarray(ep["states"], dtype=np.float64),
+        "rewards": np.asarray(ep["rewards"], dtype=np.float64),
+        "dones": np.asarray(ep["dones"], dtype=np.int64),
+        "obs": {k: np.stack([o[k] for o in obs_seq]) for k in obs_seq[0]},
+        "model_file": model_file,
+    }
+    return out, success_at is not None
+
+
+# One episode runner per task; a new task (e.g. "hopper") registers its own runner here.
+RUNNERS = {"lift": run_arm_episode, "can": run_arm_episode, "square": run_arm_episode}
+EPISODE_STEPS = {"lift": 200, "can": 400, "square": 400}  # scripted-episode caps (steps)
+
+
+# ----------------------------------------------------------------------------- collection
+def _collect_worker(task_name, quota, max_attempts, seed, images, noise, keep_failures, emit):
+    """Collect `quota` successful episodes with one env; report each through emit(kind, payload)."""
+    task = tasks.TASKS[task_name]
+    env = tasks.make_env(task, obs_mode="image" if images else "state", seed=seed)
+    rng = np.random.default_rng(seed)
+    max_steps = min(EPISODE_STEPS.get(task_name, task.max_episode_steps), task.max_episode_steps)
+    successes = attempts = 0
+    while successes < quota and attempts < max_attempts:
+        ep, ok = RUNNERS[task_name](env, task, rng, noise, images, max_steps)
+        attempts += 1
+        successes += ok
+        ep["success"] = ok
+        emit("episode" if (ok or keep_failures) else "failure", ep if (ok or keep_failures) else len(ep["actions"]))
+    env.close()
+    emit("done", {"attempts": attempts, "successes": successes})
+
+
+def _worker_main(worker, args, queue):
+    try:
+        _collect_worker(*args, emit=lambda kind, payload: queue.put((worker, kind, payload)))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent
+        queue.put((worker, "error", traceback.format_exc()))
+
+
+def env_args_for(task, images: bool) -> dict:
+    """robomimic `env_args`: how to rebuild the env that recorded the demos."""
+    import robosuite
+
+    return {"env_name": task.env_id, "env_version": robosuite.__version__, "type": 1,
+            "env_kwargs": tasks.robosuite_kwargs(task, "image" if images else "state")}
+
+
+def collect(task_name, episodes, images=False, out=None, workers=2, seed=0, noise=0.05,
+            keep_failures=False, max_attempts=None, progress=True) -> dict:
+    """Collect `episodes` successful scripted demos of `task_name` and write them to `out`.
+
+    Worker w (seed + 1000*w) collects a fixed share of the episodes; results are merged in
+    worker order, so the file is deterministic for (seed, workers). Returns a summary dict.
+    """
+    if task_name not in RUNNERS:
+        raise ValueError(f"no scripted expert for task {task_name!r}; have {sorted(RUNNERS)}")
+    task = tasks.TASKS[task_name]
+    out = out or task.default_dataset
+    workers = max(1, min(int(workers), episodes))
+    max_attempts = max_attempts or 2 * episodes + 20
+    quotas = [episodes // workers + (w < episodes % workers) for w in range(workers)]
+    caps = [max(1, round(max_attempts * q / episodes)) for q in quotas]
+    t0 = time.time()
+
+    kept = [[] for _ in range(workers)]
+    lengths = []
+    stats = [None] * workers
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=episodes, desc=f"{task_name} demos", unit="ep", dynamic_ncols=True)
+    n_att = [0]
+
+    def handle(w, kind, payload):
+        if kind == "error":
+            raise RuntimeError(f"collect worker {w} failed:\n{payload}")
+        if kind == "done":
+            stats[w] = payload
+            return
+        n_att[0] += 1
+        if kind == "episode":
+            kept[w].append(payload)
+            if payload["success"]:
+                lengths.append(len(payload["actions"]))
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.set_postfix(attempts=n_att[0])
+
+    jobs = [(task_name, quotas[w], caps[w], seed + 1000 * w, images, noise, keep_failures) for w in range(workers)]
+    if workers == 1:
+        _collect_worker(*jobs[0], emit=lambda kind, payload: handle(0, kind, payload))
+    else:
+        # fork: workers need no re-import of the caller's __main__; they never touch torch.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_worker_main, args=(w, jobs[w], queue), daemon=True) for w in range(workers)]
+        for p in procs:
+            p.start()
+        try:
+            finished = 0
+            while finished < workers:
+                w, kind, payload = queue.get()
+                handle(w, kind, payload)
+                finished += kind == "done"
+            for p in procs:
+                p.join()
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+    if bar is not None:
+        bar.close()
+
+    attempts = sum(s["attempts"] for s in stats)
+    successes = sum(s["successes"] for s in stats)
+    episodes_out = [ep for w in range(workers) for ep in kept[w]]
+    if episodes_out:
+        tasks.write_robomimic_hdf5(out, [{k: v for k, v in ep.items() if k != "success"} for ep in episodes_out],
+                                   env_args=env_args_for(task, images), compress_images=True)
+    minutes = (time.time() - t0) / 60.0
+    return {
+        "task": task_name,
+        "out": out if episodes_out else None,
+        "images": bool(images),
+        "workers": workers,
+        "seed": seed,
+        "noise": noise,
+        "successes": successes,
+        "attempts": attempts,
+        "success_rate": successes / max(attempts, 1),
+        "episodes_written": len(episodes_out),
+        "mean_length": float(np.mean(lengths)) if lengths else 0.0,
+        "min_length": int(np.min(lengths)) if lengths else 0,
+        "max_length": int(np.max(lengths)) if lengths else 0,
+        "minutes": minutes,
+        "episodes_per_minute": successes / max(minutes, 1e-9),
+        "file_size_mb": os.path.getsize(out) / 2**20 if episodes_out else 0.0,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=sorted(RUNNERS), required=True, help="task to collect demos for")
+    p.add_argument("--episodes", type=int, default=100, help="number of successful demos wanted")
+    p.add_argument("--images", action="store_true", help="also record 96x96 camera images of the task's cameras")
+    p.add_argument("--out", default=None, help="output hdf5 path (default: the task's default_dataset)")
+    p.add_argument("--workers", type=int, default=2, help="parallel collection processes (one per core)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; worker w uses seed + 1000*w")
+    p.add_argument("--noise", type=float, default=0.05, help="std of Gaussian action noise (x0.3 on rotation)")
+    p.add_argument("--keep-failures", action="store_true", help="also write failed episodes")
+    p.add_argument("--max-attempts", type=int, default=None, help="cap on attempts (default 2*episodes+20)")
+    args = p.parse_args()
+    s = collect(args.task, args.episodes, images=args.images, out=args.out, workers=args.workers, seed=args.seed,
+                noise=args.noise, keep_failures=args.keep_failures, max_attempts=args.max_attempts)
+    print(f"{s['task']}: {s['successes']}/{s['attempts']} successful ({100 * s['success_rate']:.1f}%), "
+          f"length {s['mean_length']:.1f} [{s['min_length']}-{s['max_length']}], "
+          f"{s['minutes']:.2f} min ({s['episodes_per_minute']:.1f} ep/min), "
+          f"{s['file_size_mb']:.1f} MB -> {s['out']}")
+    print(json.dumps(s))
+    if s["successes"] < args.episodes:
+        raise SystemExit(f"only {s['successes']} of {args.episodes} wanted successful demos after {s['attempts']} attempts")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Evaluate a DMPO checkpoint: success rate (95% CI), return, episode length and policy latency.
+
+    python evaluate.py --ckpt runs/lift/latest.pt                     # one-step policy, 100 episodes
+    python evaluate.py --ckpt runs/lift/latest.pt --inference-steps 1 2 4 8 16 32 --video
+
+The checkpoint carries its task, observation mode, config and normalization, so nothing else is needed.
+`evaluate_policy` is also what pretrain.py and finetune.py call, so in-training and standalone numbers
+come from one piece of code. Protocol: env i of the vector starts from seed `--seed + i`; every step count
+replays exactly the same initial states and the same policy noise, so two runs print identical numbers.
+An episode succeeds if the task's success check fired at any step; by default it then ends (the success
+definition is unchanged by this; only returns and lengths are, see tasks.py / DPPO issue #32).
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import models
+import tasks
+
+
+def wilson_interval(successes, n, z=1.96):
+    """95% Wilson score interval for a binomial proportion (sane at 0% and 100%, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def run_episodes(policy, env, episodes, steps, seed, desc=None):
+    """Roll `policy` with K=`steps` in a ChunkVecEnv until every env has finished its share of `episodes`.
+    Each env contributes the first ceil(episodes / n_envs) episodes it finishes (then the list is cut to
+    `episodes` in env order), so short (successful) episodes cannot crowd out long ones."""
+    n = env.n_envs
+    quota = math.ceil(episodes / n)
+    per_env = [[] for _ in range(n)]
+    torch.manual_seed(seed)                 # same policy noise for every step count and every run
+    obs = env.reset(seed=seed)
+    call_ms = []
+    bar = tqdm(total=quota * n, desc=desc, leave=False, disable=desc is None)
+    while min(len(e) for e in per_env) < quota:
+        t0 = time.perf_counter()
+        chunks = policy.act(obs, steps=steps)
+        call_ms.append(1000 * (time.perf_counter() - t0))
+        obs, _, _, info = env.step(chunks)
+        for ep in info["episodes"]:
+            if len(per_env[ep["env"]]) < quota:
+                per_env[ep["env"]].append(ep)
+                bar.update(1)
+    bar.close()
+    eps = [ep for i in range(quota) for e in per_env if i < len(e) for ep in [e[i]]][:episodes]
+    return eps, call_ms
+
+
+def evaluate_policy(policy, task, obs_mode, episodes=100, steps_list=(1,), n_envs=10, seed=100_000,
+                    max_episode_steps=None, terminate_on_success=True, progress=True):
+    """Evaluate for each K in steps_list on the same episodes; returns one dict per K."""
+    task = tasks.get_task(task)
+    n_envs = max(1, min(n_envs, episodes))
+    env = tasks.ChunkVecEnv(task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps)
+    was_training = policy.training
+    policy.eval()
+    rows = []
+    try:
+        for k in steps_list:
+            t0 = time.time()
+            eps, call_ms = run_episodes(policy, env, episodes, k, seed, f"eval K={k}" if progress else None)
+            succ = sum(e["success"] for e in eps)
+            lo, hi = wilson_interval(succ, len(eps))
+            returns = np.array([e["return"] for e in eps])
+            rows.append({"task": task.name, "obs_mode": obs_mode, "steps": k, "episodes": len(eps),
+                         "seed": seed, "n_envs": n_envs, "success_rate": succ / len(eps), "ci_low": lo,
+                         "ci_high": hi, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+                         "length_mean": float(np.mean([e["length"] for e in eps])),
+                         "policy_ms": float(np.median(call_ms)),
+                         "policy_ms_per_obs": float(np.median(call_ms)) / n_envs,
+                         "wall_s": time.time() - t0})
+    finally:
+        env.close()
+        policy.train(was_training)
+    return rows
+
+
+def record_video(policy, task, obs_mode, path, episodes=2, steps=1, seed=100_000, max_episode_steps=None):
+    """Write the first `episodes` episodes of env 0 as one mp4 (gif if the name ends in .gif)."""
+    import imageio
+    env = tasks.make_env(task, obs_mode, seed, terminate_on_success=True, render_video=True,
+                         max_episode_steps=max_episode_steps)
+    frames = []
+    torch.manual_seed(seed)
+    policy.eval()
+    try:
+        for ep in range(episodes):
+            obs, done = env.reset(seed + ep), False
+            while not done:
+                for action in policy.act(obs, steps=steps):
+                    obs, _, term, trunc, _ = env.step(action)
+                    frames.append(env.render())
+                    done = term or trunc
+                    if done:
+                        break
+    finally:
+        env.close()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    imageio.mimsave(path, frames, fps=20)
+    return path
+
+
+def write_csv(path, rows):
+    """Append rows to a CSV (header written once); columns are the union in first-seen order."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path) as f:
+            old_cols = next(csv.reader(f), [])
+        if old_cols != cols:    # a different protocol: do not mix columns in one file
+            raise ValueError(f"{path} has columns {old_cols}, these rows have {cols}; choose another --csv")
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def format_table(rows):
+    lines = ["| K | episodes | success | 95% CI | return | length | policy ms/call |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['steps']} | {r['episodes']} | {100 * r['success_rate']:.1f}% | "
+                     f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] | {r['return_mean']:.2f} | "
+                     f"{r['length_mean']:.1f} | {r['policy_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint written by pretrain.py or finetune.py")
+    p.add_argument("--episodes", type=int, default=100, help="episodes per step count")
+    p.add_argument("--inference-steps", type=int, nargs="+", default=[1], help="step count(s) K to evaluate")
+    p.add_argument("--n-envs", type=int, default=10, help="environments stepped in one vector")
+    p.add_argument("--seed", type=int, default=100_000, help="env i starts from seed + i; also seeds policy noise")
+    p.add_argument("--max-episode-steps", type=int, default=None, help="env steps per episode (default: task table)")
+    p.add_argument("--no-terminate-on-success", action="store_true", help="keep running after success")
+    p.add_argument("--use-model", action="store_true", help="evaluate the raw weights instead of the EMA weights")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
+    p.add_argument("--csv", default=None, help="CSV to append to (default: <ckpt dir>/eval.csv)")
+    p.add_argument("--video", action="store_true", help="also write <ckpt dir>/video_K<k>.mp4 of two episodes")
+    p.add_argument("--task", default=None, help="override the task stored in the checkpoint")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = models.resolve_device(args.device)
+        policy, ckpt = models.load_policy(args.ckpt, device, use_ema=not args.use_model)
+        task = args.task or ckpt.get("task")
+        if task is None:
+            raise ValueError(f"{args.ckpt} names no task; pass --task")
+        obs_mode = policy.cfg.obs_mode
+        if min(args.inference_steps) < 1 or args.episodes < 1:
+            raise ValueError("--inference-steps and --episodes must be >= 1")
+        rows = evaluate_policy(policy, task, obs_mode, args.episodes, args.inference_steps, args.n_envs, args.seed,
+                               args.max_episode_steps, not args.no_terminate_on_success)
+    except (ValueError, FileNotFoundError, tasks.TaskError) as e:
+        sys.exit(f"error: {e}")
+    for r in rows:
+        r.update(ckpt=args.ckpt, ckpt_step=ckpt["step"], weights="model" if args.use_model else "ema",
+                 loss=policy.cfg.loss, alpha_disp=policy.cfg.alpha_disp, device=str(device),
+                 threads=torch.get_num_threads())
+    out = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.csv")
+    write_csv(out, rows)
+    print(f"{args.ckpt} (step {ckpt['step']}, {rows[0]['task']}, {obs_mode}, {policy.cfg.loss}, "
+          f"alpha_disp={policy.cfg.alpha_disp}): {args.episodes} episodes per K, seeds {args.seed}..{args.seed + rows[0]['n_envs'] - 1}, "
+          f"{rows[0]['n_envs']} envs, {'EMA' if not args.use_model else 'raw'} weights, device {device}")
+    print(format_table(rows))
+    print(f"wrote {out}")
+    if args.video:
+        for k in args.inference_steps:
+            path = record_video(policy, task, obs_mode, os.path.join(os.path.dirname(out), f"video_K{k}.mp4"),
+                                steps=k, seed=args.seed, max_episode_steps=args.max_episode_steps)
+            print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

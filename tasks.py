@@ -1,0 +1,713 @@
+"""Tasks, environments and datasets for DMPO (one-step MeanFlow policies + PPO fine-tuning).
+
+Everything the stage scripts need to know about a task lives here:
+  * TASKS            -- the task table (envs, observation keys, chunk size, horizon, gamma, data paths)
+  * make_env         -- one env with a small gymnasium-like API, actions in env units
+  * ChunkVecEnv      -- N envs that execute whole action chunks, auto-reset, report episodes
+  * load_dataset     -- robomimic hdf5 / D4RL hdf5 / DPPO-DMPO npz (/ local Minari) -> Dataset in env units
+  * write_robomimic_hdf5, download_dataset, chunk_starts, normalization_stats
+
+User mistakes (missing files, wrong shapes, no renderer, offline) raise TaskError with one line, so the
+stage scripts can do `except TaskError as e: sys.exit(f"error: {e}")`.
+robosuite, gymnasium and mujoco are imported lazily: MUJOCO_GL must be chosen before mujoco is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+class TaskError(Exception):
+    """A problem the user can fix (file, shape, renderer, network). The message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Task table
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    name: str
+    suite: str  # "robosuite" | "gym"
+    env_id: str  # robosuite env name or gymnasium id
+    act_dim: int
+    obs_dim: int  # low-dim state size in "state" mode (DPPO layout)
+    chunk: int  # Ta: actions executed open-loop per policy call
+    max_episode_steps: int  # env steps (not chunks)
+    gamma: float  # discount per chunk
+    default_dataset: str
+    hf_subdir: str  # DMPO-datasets folder; robomimic image data lives in f"{hf_subdir}-img"
+    robots: tuple = ()
+    proprio_keys: tuple = ()
+    object_key: str = ""  # robosuite 1.5 name; robomimic files call it "object"
+    cameras: tuple = ()
+    env_kwargs: tuple = ()  # extra gym.make kwargs as (key, value) pairs (keeps Task hashable)
+
+
+PANDA = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")  # 3 + 4 (xyzw) + 2 = 9
+TWO_PANDAS = PANDA + ("robot1_eef_pos", "robot1_eef_quat", "robot1_gripper_qpos")
+IMAGE_SIZE = 96  # camera obs are IMAGE_SIZE x IMAGE_SIZE, like the DPPO/DMPO image datasets
+VIDEO_SIZE = 256
+NO_CFRC = (("include_cfrc_ext_in_observation", False),)  # see _legacy_gym_columns
+
+# max_episode_steps: the DMPO fine-tuning horizons (lift 400, can/square 500, transport 800, gym 1000).
+# DPPO's robomimic eval configs use 300 for lift/can/square: pass max_episode_steps=300 to reproduce them.
+# gamma is per chunk: 0.999 robomimic, 0.99 gym (method.md section 5).
+TASKS: dict[str, Task] = {
+    "lift": Task("lift", "robosuite", "Lift", act_dim=7, obs_dim=19, chunk=4, max_episode_steps=400,
+                 gamma=0.999, default_dataset="data/lift/demos.hdf5", hf_subdir="robomimic/lift",
+                 robots=("Panda",), proprio_keys=PANDA, object_key="object-state",
+                 cameras=("robot0_eye_in_hand",)),
+    "can": Task("can", "robosuite", "PickPlaceCan", act_dim=7, obs_dim=23, chunk=4, max_episode_steps=500,
+                gamma=0.999, default_dataset="data/can/demos.hdf5", hf_subdir="robomimic/can",
+                robots=("Panda",), proprio_keys=PANDA, object_key="object-state",
+                cameras=("robot0_eye_in_hand",)),
+    "square": Task("square", "robosuite", "NutAssemblySquare", act_dim=7, obs_dim=23, chunk=4,
+                   max_episode_steps=500, gamma=0.999, default_dataset="data/square/demos.hdf5",
+                   hf_subdir="robomimic/square", robots=("Panda",), proprio_keys=PANDA,
+                   object_key="object-state", cameras=("agentview",)),
+    "transport": Task("transport", "robosuite", "TwoArmTransport", act_dim=14, obs_dim=59, chunk=8,
+                      max_episode_steps=800, gamma=0.999, default_dataset="data/transport/demos.hdf5",
+                      hf_subdir="robomimic/transport", robots=("Panda", "Panda"), proprio_keys=TWO_PANDAS,
+                      object_key="object-state", cameras=("shouldercamera0", "shouldercamera1")),
+    "hopper": Task("hopper", "gym", "Hopper-v5", act_dim=3, obs_dim=11, chunk=4, max_episode_steps=1000,
+                   gamma=0.99, default_dataset="data/hopper/medium.hdf5", hf_subdir="gym/hopper-medium-v2"),
+    "walker2d": Task("walker2d", "gym", "Walker2d-v5", act_dim=6, obs_dim=17, chunk=4, max_episode_steps=1000,
+                     gamma=0.99, default_dataset="data/walker2d/medium.hdf5",
+                     hf_subdir="gym/walker2d-medium-v2"),
+    "ant": Task("ant", "gym", "Ant-v5", act_dim=8, obs_dim=27, chunk=4, max_episode_steps=1000, gamma=0.99,
+                default_dataset="data/ant/medium.hdf5", hf_subdir="gym/ant-medium-expert-v2",
+                env_kwargs=NO_CFRC),
+    "humanoid": Task("humanoid", "gym", "Humanoid-v5", act_dim=17, obs_dim=270, chunk=4,
+                     max_episode_steps=1000, gamma=0.99, default_dataset="data/humanoid/medium.hdf5",
+                     hf_subdir="gym/Humanoid-medium-v3", env_kwargs=NO_CFRC),
+}
+
+
+def get_task(task: Task | str) -> Task:
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+def obs_dims(task: Task | str, obs_mode: str = "state") -> tuple[int, int]:
+    """(state_dim, n_cameras). Image mode keeps proprioception only, like DPPO's image datasets."""
+    task = get_task(task)
+    if obs_mode == "state":
+        return task.obs_dim, 0
+    if obs_mode != "image":
+        raise TaskError(f"obs_mode must be 'state' or 'image', got {obs_mode!r}")
+    if not task.cameras:
+        raise TaskError(f"task {task.name} has no cameras: use obs_mode 'state'")
+    return 9 * len(task.robots), len(task.cameras)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+_GL_PROBE = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
+
+
+def setup_rendering() -> str:
+    """Pick MUJOCO_GL for offscreen rendering and return it. Only image/video envs call this.
+
+    An existing MUJOCO_GL wins (robosuite also sets "egl" itself when it is imported first). Otherwise
+    we try EGL, then OSMesa, each in a subprocess: a failed GL init can abort the whole process, and
+    mujoco reads MUJOCO_GL once at import, so the choice must happen before mujoco is imported here.
+    """
+    if os.environ.get("MUJOCO_GL"):
+        return os.environ["MUJOCO_GL"]
+    errors = []
+    for backend in ("egl", "osmesa"):
+        env = dict(os.environ, MUJOCO_GL=backend, PYOPENGL_PLATFORM=backend)
+        try:
+            r = subprocess.run([sys.executable, "-c", _GL_PROBE], env=env, capture_output=True, text=True,
+                               timeout=120)
+            ok, why = r.returncode == 0, (r.stderr.strip().splitlines() or ["?"])[-1]
+        except subprocess.TimeoutExpired:
+            ok, why = False, "timed out"
+        if ok:
+            os.environ["MUJOCO_GL"] = backend
+            os.environ.setdefault("PYOPENGL_PLATFORM", backend)
+            return backend
+        errors.append(f"{backend}: {why[:120]}")
+    raise TaskError("no offscreen OpenGL works (" + "; ".join(errors) + "); install EGL with "
+                    "`apt-get install -y libegl1 libgl1-mesa-dri` or OSMesa with `apt-get install -y libosmesa6`")
+
+
+# ----------------------------------------------------------------------------------------------
+# Environments
+# ----------------------------------------------------------------------------------------------
+def robosuite_kwargs(task: Task | str, obs_mode: str = "state", max_episode_steps: int | None = None,
+                     render_video: bool = False) -> dict:
+    """JSON-serializable kwargs for robosuite.make (also what goes into a robomimic file's env_args)."""
+    from robosuite.controllers import load_composite_controller_config
+
+    task = get_task(task)
+    cfg = load_composite_controller_config(controller="BASIC", robot="Panda")
+    # BASIC also defines left/torso/head/base/legs parts; a Panda has only its "right" arm (each Panda in
+    # TwoArmTransport too), and robosuite warns once per unused part, so keep just that one.
+    cfg["body_parts"] = {"right": cfg["body_parts"]["right"]}
+    # robosuite 1.5's OSC reads deltas in the robot *base* frame; robomimic/DPPO data were recorded with
+    # robosuite 1.4, whose OSC used the world frame. Same thing for one Panda, but TwoArmTransport's
+    # opposed arms have bases rotated +-90 deg, so set world on every OSC part.
+    for part in cfg["body_parts"].values():
+        if str(part.get("type", "")).startswith("OSC"):
+            part["input_ref_frame"] = "world"
+    image = obs_mode == "image"
+    cams = list(task.cameras) if image else []
+    return dict(
+        robots=list(task.robots), controller_configs=cfg, control_freq=20,
+        horizon=max_episode_steps or task.max_episode_steps,
+        ignore_done=True,  # we truncate ourselves; robosuite would raise on a step after its horizon
+        reward_shaping=False,  # sparse: 1 on success
+        use_object_obs=True, has_renderer=False,
+        has_offscreen_renderer=image or render_video, use_camera_obs=image, camera_names=cams,
+        camera_heights=IMAGE_SIZE, camera_widths=IMAGE_SIZE, camera_depths=False,
+        # A hard reset rebuilds the model (and the GL context, 1-2 s with cameras); objects are still
+        # re-placed on a soft reset, so we never pay for it.
+        hard_reset=False,
+    )
+
+
+class RobosuiteEnv:
+    """A robosuite env with gymnasium-style reset/step, DPPO observation layout, world-frame OSC."""
+
+    def __init__(self, task: Task, obs_mode: str, seed: int, terminate_on_success: bool,
+                 render_video: bool, max_episode_steps: int | None):
+        self.task, self.obs_mode = task, obs_mode
+        self.state_dim, _ = obs_dims(task, obs_mode)
+        if obs_mode == "image" or render_video:
+            setup_rendering()
+        import robosuite
+
+        self.max_episode_steps = max_episode_steps or task.max_episode_steps
+        self.terminate_on_success = terminate_on_success
+        kwargs = robosuite_kwargs(task, obs_mode, self.max_episode_steps, render_video)
+        self.sim_env = robosuite.make(task.env_id, seed=seed, **kwargs)
+        self.keys = list(task.proprio_keys) + ([task.object_key] if obs_mode == "state" else [])
+        self.seed, self.t = seed, 0
+
+    def _obs(self, raw: dict) -> dict:
+        state = np.concatenate([np.ravel(raw[k]) for k in self.keys]).astype(np.float32)
+        if state.shape != (self.state_dim,):  # would mean a robosuite version with other obs sizes
+            raise TaskError(f"{self.task.env_id}: state has {state.size} dims, expected {self.state_dim}")
+        obs = {"state": state}
+        if self.obs_mode == "image":
+            # robosuite renders OpenGL-style (bottom row first): flip to upright, then HWC -> CHW.
+            obs["rgb"] = np.concatenate([raw[f"{c}_image"][::-1].transpose(2, 0, 1) for c in self.task.cameras])
+        return obs
+
+    def reset(self, seed: int | None = None) -> dict:
+        if seed is None:  # the first reset uses the constructor seed, later ones continue its stream
+            seed, self.seed = self.seed, None
+        if seed is not None:
+            # Building the env already drew from env.rng; reseeding here makes reset(seed=s) repeat the
+            # first episode exactly. The placement samplers hold a reference to env.rng, so reseed in place.
+            self.sim_env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        self.t = 0
+        raw = self.sim_env.reset()
+        if self.obs_mode == "state":
+            # Right after reset some object sensors read a cache their sibling sensors have not filled yet
+            # (PickPlaceCan returns zeros for part of object-state); a second pass gives the true values.
+            # Image mode skips it: that would render every camera again, and its proprio keys are fine.
+            raw = self.sim_env._get_observations(force_update=True)
+        return self._obs(raw)
+
+    def step(self, action: np.ndarray):
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(self.task.act_dim), -1.0, 1.0)
+        raw, reward, _, _ = self.sim_env.step(action)
+        self.t += 1
+        success = bool(self.sim_env._check_success())
+        # DPPO's wrapper never terminates (dppo issue #32) and counts an episode as a success if any chunk
+        # succeeded; terminate_on_success=True ends the episode at the first success instead (like
+        # robomimic's rollouts). Either way info["success"] is robosuite's own check at this step.
+        terminated = success and self.terminate_on_success
+        truncated = self.t >= self.max_episode_steps
+        return self._obs(raw), float(reward), terminated, truncated, {"success": success}
+
+    def render(self) -> np.ndarray:
+        """Upright (H, W, 3) uint8 frame for videos (needs render_video=True)."""
+        return self.sim_env.sim.render(camera_name="agentview", width=VIDEO_SIZE, height=VIDEO_SIZE)[::-1].copy()
+
+    def close(self):
+        self.sim_env.close()
+
+
+class GymEnv:
+    """A gymnasium MuJoCo env with the same API as RobosuiteEnv (success is always False)."""
+
+    def __init__(self, task: Task, obs_mode: str, seed: int, render_video: bool,
+                 max_episode_steps: int | None):
+        obs_dims(task, obs_mode)
+        if obs_mode != "state":
+            raise TaskError(f"task {task.name} is state-only")
+        if render_video:
+            setup_rendering()
+        import gymnasium as gym
+
+        self.task, self.seed = task, seed
+        self.max_episode_steps = max_episode_steps or task.max_episode_steps
+        kwargs = dict(task.env_kwargs)
+        if render_video:
+            kwargs.update(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE)
+        self.sim_env = gym.make(task.env_id, max_episode_steps=self.max_episode_steps, **kwargs)
+        self.low, self.high = self.sim_env.action_space.low, self.sim_env.action_space.high
+        self.t = 0
+
+    def reset(self, seed: int | None = None) -> dict:
+        if seed is None:  # the first reset uses the constructor seed, later ones continue its stream
+            seed, self.seed = self.seed, None
+        self.t = 0
+        obs, _ = self.sim_env.reset(seed=seed)
+        return {"state": np.asarray(obs, dtype=np.float32)}
+
+    def step(self, action: np.ndarray):
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(self.task.act_dim), self.low, self.high)
+        obs, reward, terminated, truncated, _ = self.sim_env.step(action)
+        self.t += 1
+        truncated = bool(truncated) or self.t >= self.max_episode_steps
+        return {"state": np.asarray(obs, dtype=np.float32)}, float(reward), bool(terminated), truncated, \
+            {"success": False}
+
+    def render(self) -> np.ndarray:
+        return self.sim_env.render()
+
+    def close(self):
+        self.sim_env.close()
+
+
+def make_env(task: Task | str, obs_mode: str = "state", seed: int = 0, terminate_on_success: bool = False,
+             render_video: bool = False, max_episode_steps: int | None = None):
+    """One env: reset(seed=None) -> obs, step(action in env units) -> (obs, r, terminated, truncated, info).
+
+    obs = {"state": float32 (state_dim,)} (+ "rgb": uint8 (3*n_cameras, 96, 96), upright, in image mode);
+    info["success"] is robosuite's _check_success() (False for gym); .sim_env is the raw env.
+    Actions are clipped to the action space (robosuite [-1, 1]; Humanoid +-0.4).
+    """
+    task = get_task(task)
+    obs_dims(task, obs_mode)
+    if task.suite == "robosuite":
+        return RobosuiteEnv(task, obs_mode, seed, terminate_on_success, render_video, max_episode_steps)
+    return GymEnv(task, obs_mode, seed, render_video, max_episode_steps)
+
+
+def _stack(obs_list: list[dict]) -> dict:
+    return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
+
+
+class ChunkVecEnv:
+    """n_envs envs stepped one after the other, one whole action chunk per call; env i is seeded seed + i.
+
+    Synchronous on purpose: with 2 cores, subprocess IPC costs more than a MuJoCo step saves.
+    step(chunks (N, Ta, act_dim)) -> obs batch, reward (N,) summed over the executed steps, done (N,), info:
+      episodes       list of {"env", "success" (any step succeeded), "return", "length" (env steps)}
+      terminated     (N,) true terminations (gym falls; robosuite success with terminate_on_success)
+      truncated      (N,) time limit; GAE should bootstrap through these, not through terminations
+      steps          (N,) env steps executed (an env stops its chunk when its episode ends)
+      chunk_success  (N,) success fired during this chunk
+      final_obs      batch of the last observation before an auto-reset (= obs for envs not done)
+    """
+
+    def __init__(self, task: Task | str, obs_mode: str = "state", n_envs: int = 1, seed: int = 0,
+                 terminate_on_success: bool = False, max_episode_steps: int | None = None):
+        self.task = get_task(task)
+        self.obs_mode, self.n_envs = obs_mode, n_envs
+        self.envs = [make_env(self.task, obs_mode, seed + i, terminate_on_success,
+                              max_episode_steps=max_episode_steps) for i in range(n_envs)]
+        self._zero_stats()
+
+    def _zero_stats(self):
+        self.ep_return = np.zeros(self.n_envs)
+        self.ep_length = np.zeros(self.n_envs, dtype=np.int64)
+        self.ep_success = np.zeros(self.n_envs, dtype=bool)
+
+    def reset(self, seed: int | None = None) -> dict:
+        """Reset all envs; with a seed, env i is reseeded with seed + i (repeatable evaluations)."""
+        self._zero_stats()
+        return _stack([env.reset(None if seed is None else seed + i) for i, env in enumerate(self.envs)])
+
+    def step(self, chunks: np.ndarray):
+        chunks = np.asarray(chunks)
+        if chunks.ndim != 3 or chunks.shape[0] != self.n_envs or chunks.shape[2] != self.task.act_dim:
+            raise ValueError(f"chunks must be (n_envs={self.n_envs}, Ta, {self.task.act_dim}), got {chunks.shape}")
+        n = self.n_envs
+        reward, steps = np.zeros(n), np.zeros(n, dtype=np.int64)
+        done, terminated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        chunk_success = np.zeros(n, dtype=bool)
+        obs_list, final_list, episodes = [], [], []
+        for i, env in enumerate(self.envs):
+            for action in chunks[i]:
+                obs, r, term, trunc, info = env.step(action)
+                reward[i] += r
+                steps[i] += 1
+                chunk_success[i] |= info["success"]
+                self.ep_return[i] += r
+                self.ep_length[i] += 1
+                self.ep_success[i] |= info["success"]
+                if term or trunc:
+                    done[i], terminated[i] = True, term
+                    break
+            final_list.append(obs)
+            if done[i]:
+                episodes.append({"env": i, "success": bool(self.ep_success[i]),
+                                 "return": float(self.ep_return[i]), "length": int(self.ep_length[i])})
+                self.ep_return[i], self.ep_length[i], self.ep_success[i] = 0.0, 0, False
+                obs = env.reset()
+            obs_list.append(obs)
+        info = {"episodes": episodes, "terminated": terminated, "truncated": done & ~terminated,
+                "steps": steps, "chunk_success": chunk_success, "final_obs": _stack(final_list)}
+        return _stack(obs_list), reward, done, info
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    """Demonstrations in environment units; episodes are stored back to back."""
+    states: np.ndarray  # float32 (N, state_dim)
+    actions: np.ndarray  # float32 (N, act_dim)
+    episode_lengths: np.ndarray  # int64 (E,), sums to N
+    images: np.ndarray | None = None  # uint8 (N, 3*n_cameras, H, W)
+    rewards: np.ndarray | None = None  # float32 (N,)
+    path: str = ""
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def chunk_starts(dataset: Dataset, chunk: int) -> np.ndarray:
+    """Indices i such that actions[i:i+chunk] lies inside one episode (DPPO: no end padding)."""
+    ends = np.cumsum(dataset.episode_lengths)
+    ranges = [np.arange(end - length, end - chunk + 1) for end, length in zip(ends, dataset.episode_lengths)]
+    return np.concatenate(ranges + [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
+
+def normalization_stats(dataset: Dataset) -> dict:
+    """Per-dimension min/max of the data. Unlike DPPO's robomimic script (min/max started at 0, i.e.
+    min(0, data) and max(0, data)), these are the plain data ranges; the policy stores them itself."""
+    return {"state_min": dataset.states.min(0).astype(np.float32),
+            "state_max": dataset.states.max(0).astype(np.float32),
+            "action_min": dataset.actions.min(0).astype(np.float32),
+            "action_max": dataset.actions.max(0).astype(np.float32)}
+
+
+def to_uint8_chw(images: np.ndarray, layout: str, name: str = "images") -> np.ndarray:
+    """(N,H,W,C) or (N,C,H,W) images, uint8 or float in [0,1] or [0,255] -> uint8 (N,C,H,W) in [0,255]."""
+    x = np.asarray(images)
+    if x.ndim != 4:
+        raise TaskError(f"{name}: expected 4-D images (N,{'H,W,C' if layout == 'hwc' else 'C,H,W'}), got {x.shape}")
+    if layout == "hwc":
+        x = x.transpose(0, 3, 1, 2)
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise TaskError(f"{name}: images contain NaN or inf")
+        x = x * 255.0 if x.size and x.max() <= 1.0 else x  # [0,1] floats (robomimic obs utils) vs [0,255]
+        x = np.rint(x)
+    return np.ascontiguousarray(np.clip(x, 0, 255).astype(np.uint8))
+
+
+def _legacy_gym_columns(task: Task, dim: int) -> np.ndarray | None:
+    """Columns of an older-gym observation that make up our gymnasium-v5 observation, or None.
+
+    Hopper/Walker2d: D4RL -v2 (11/17-D) equals v5. Ant: D4RL ant-*-v2 is 111-D = qpos[2:] 13 + qvel 14 +
+    cfrc_ext of all 14 bodies (84); Ant-v5 drops the worldbody's cfrc_ext (105-D). Humanoid: DMPO's
+    Humanoid-medium-v3 is 376-D = qpos[2:] 22 + qvel 23 + cinert 14x10 + cvel 14x6 + qfrc_actuator 23 +
+    cfrc_ext 14x6; Humanoid-v5 drops the always-zero worldbody/free-joint entries (348-D). The old envs ran
+    on mujoco-py >= 2.0, where contact forces are reported as always 0 (gymnasium's Ant/Humanoid docs),
+    while MuJoCo 3 reports real ones, so we leave cfrc_ext out of the observation (NO_CFRC: 27-D / 270-D)
+    and keep every other column, which carry the same quantities in both versions.
+    """
+    if task.name == "ant" and dim in (111, 105):
+        return np.arange(27)
+    if task.name == "humanoid" and dim == 376:
+        return np.r_[0:45, 55:185, 191:269, 275:292]
+    if task.name == "humanoid" and dim == 348:
+        return np.arange(270)
+    return None
+
+
+def _require(group, keys, path, where=""):
+    missing = [k for k in keys if k not in group]
+    if missing:
+        raise TaskError(f"{path}: missing {', '.join(repr(where + k) for k in missing)} "
+                        f"(found: {', '.join(sorted(group.keys())) or 'nothing'})")
+
+
+def _read_dppo_npz(path: Path, obs_mode: str) -> Dataset:
+    norm_path = path.parent / "normalization.npz"
+    if not norm_path.exists():
+        raise TaskError(f"{path}: DPPO-style data needs {norm_path} next to it (obs_min/obs_max/action_min/action_max)")
+    with np.load(path, allow_pickle=False) as z, np.load(norm_path, allow_pickle=False) as nz:
+        _require(z, ["states", "actions", "traj_lengths"] + (["images"] if obs_mode == "image" else []), path)
+        _require(nz, ["obs_min", "obs_max", "action_min", "action_max"], norm_path)
+        states, actions = z["states"].astype(np.float64), z["actions"].astype(np.float64)
+        lengths = np.asarray(z["traj_lengths"]).astype(np.int64).ravel()
+        images = to_uint8_chw(z["images"], "chw", str(path)) if obs_mode == "image" else None
+        rewards = z["rewards"].astype(np.float32) if "rewards" in z else None
+        norm = {k: np.asarray(nz[k], dtype=np.float64) for k in nz.files}
+    for x, lo, hi in ((states, "obs_min", "obs_max"), (actions, "action_min", "action_max")):
+        if x.ndim != 2 or norm[lo].shape != (x.shape[1],) or norm[hi].shape != (x.shape[1],):
+            raise TaskError(f"{norm_path}: {lo}/{hi} shapes {norm[lo].shape}/{norm[hi].shape} do not match "
+                            f"data of shape {x.shape}")
+    # The files hold 2*(x-min)/(max-min+1e-6)-1; invert it so everything downstream is in env units.
+    states = (states + 1) / 2 * (norm["obs_max"] - norm["obs_min"] + 1e-6) + norm["obs_min"]
+    actions = (actions + 1) / 2 * (norm["action_max"] - norm["action_min"] + 1e-6) + norm["action_min"]
+    return Dataset(states, actions, lengths, images, rewards)
+
+
+def _read_robomimic(f: h5py.File, path: Path, task: Task, obs_mode: str, filter_key: str | None) -> Dataset:
+    data = f["data"]
+    if filter_key is not None:
+        if "mask" not in f or filter_key not in f["mask"]:
+            found = ", ".join(f["mask"].keys()) if "mask" in f else "no mask group"
+            raise TaskError(f"{path}: no filter key mask/{filter_key} (found: {found})")
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["mask"][filter_key][:]]
+    else:
+        names = sorted((n for n in data if n.startswith("demo_")), key=lambda n: int(n.split("_")[1]))
+    if not names:
+        raise TaskError(f"{path}: no demos under data/")
+    keys = list(task.proprio_keys)
+    if obs_mode == "state":
+        # robomimic names robosuite's "object-state" "object"; accept both.
+        first_obs = data[names[0]]["obs"] if "obs" in data[names[0]] else {}
+        keys.append(task.object_key if task.object_key in first_obs else "object")
+    cams = [f"{c}_image" for c in task.cameras] if obs_mode == "image" else []
+    states, actions, images, rewards, lengths = [], [], [], [], []
+    for name in names:
+        if name not in data:
+            raise TaskError(f"{path}: mask lists {name} but data/{name} does not exist")
+        demo = data[name]
+        _require(demo, ["actions", "obs"], path, f"data/{name}/")
+        _require(demo["obs"], keys + cams, path, f"data/{name}/obs/")
+        obs = demo["obs"]
+        states.append(np.concatenate([np.asarray(obs[k], dtype=np.float64).reshape(len(obs[k]), -1)
+                                      for k in keys], axis=1))
+        actions.append(np.asarray(demo["actions"], dtype=np.float64))
+        if cams:  # robomimic stores upright (H, W, 3) uint8 frames, one dataset per camera
+            images.append(np.concatenate([to_uint8_chw(obs[c][:], "hwc", f"{path}:data/{name}/obs/{c}")
+                                          for c in cams], axis=1))
+        rewards.append(np.asarray(demo["rewards"], dtype=np.float32) if "rewards" in demo
+                       else np.zeros(len(actions[-1]), np.float32))
+        lengths.append(len(actions[-1]))
+        if len(states[-1]) != lengths[-1] or (cams and len(images[-1]) != lengths[-1]):
+            raise TaskError(f"{path}: data/{name} has {lengths[-1]} actions but {len(states[-1])} observations")
+    return Dataset(np.concatenate(states), np.concatenate(actions), np.array(lengths, dtype=np.int64),
+                   np.concatenate(images) if cams else None, np.concatenate(rewards))
+
+
+def _read_d4rl(f: h5py.File, path: Path) -> Dataset:
+    _require(f, ["observations", "actions", "terminals"], path)
+    n = len(f["actions"])
+    ends = np.asarray(f["terminals"], dtype=bool).ravel()
+    if "timeouts" in f:  # D4RL marks the 1000-step time limit here, not in terminals
+        ends = ends | np.asarray(f["timeouts"], dtype=bool).ravel()
+    if len(ends) != n:
+        raise TaskError(f"{path}: terminals/timeouts have {len(ends)} entries, actions have {n}")
+    cuts = np.flatnonzero(ends) + 1
+    if not len(cuts) or cuts[-1] != n:
+        cuts = np.append(cuts, n)  # keep the trailing partial episode
+    lengths = np.diff(np.r_[0, cuts]).astype(np.int64)
+    rewards = np.asarray(f["rewards"], dtype=np.float32).ravel() if "rewards" in f else None
+    return Dataset(np.asarray(f["observations"], dtype=np.float64), np.asarray(f["actions"], dtype=np.float64),
+                   lengths, None, rewards)
+
+
+def _read_minari(path: Path) -> Dataset:
+    try:
+        from minari import MinariDataset
+    except ImportError:
+        raise TaskError(f"{path}: reading a Minari dataset needs `pip install minari` (and pin mujoco==3.3.7)")
+    data_dir = path / "data" if (path / "data").is_dir() else path
+    states, actions, rewards, lengths = [], [], [], []
+    for ep in MinariDataset(data_dir).iterate_episodes():
+        states.append(np.asarray(ep.observations)[:-1])  # Minari stores T+1 observations
+        actions.append(np.asarray(ep.actions))
+        rewards.append(np.asarray(ep.rewards, dtype=np.float32))
+        lengths.append(len(ep.actions))
+    if not lengths:
+        raise TaskError(f"{path}: Minari dataset has no episodes")
+    return Dataset(np.concatenate(states), np.concatenate(actions), np.array(lengths, dtype=np.int64),
+                   None, np.concatenate(rewards))
+
+
+def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "state",
+                 filter_key: str | None = None) -> Dataset:
+    """Load demos for `task` from a DPPO/DMPO train.npz, a robomimic hdf5, a D4RL hdf5 or a local
+    Minari dataset folder (picked from the file itself) and validate them against the task."""
+    task = get_task(task)
+    state_dim, n_cams = obs_dims(task, obs_mode)
+    path = Path(path)
+    if not path.exists():
+        hint = ""
+        if path.resolve() == Path(task.default_dataset).resolve():
+            hint = (f"; run `python collect_demos.py --task {task.name}` "
+                    f"(add `--download` to fetch the DMPO dataset instead)")
+        raise TaskError(f"{path}: file not found{hint}")
+    try:
+        if path.is_dir():
+            ds = _read_minari(path)
+        elif path.suffix == ".npz":
+            ds = _read_dppo_npz(path, obs_mode)
+        else:
+            with h5py.File(path, "r") as f:
+                if "data" in f:
+                    ds = _read_robomimic(f, path, task, obs_mode, filter_key)
+                elif "observations" in f:
+                    ds = _read_d4rl(f, path)
+                else:
+                    raise TaskError(f"{path}: neither robomimic ('data/demo_*') nor D4RL ('observations', "
+                                    f"'actions', 'terminals', 'timeouts') layout (found: {', '.join(f.keys())})")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # unreadable/corrupt files, odd dtypes
+        raise TaskError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
+    ds.path = str(path)
+    return _validate(ds, path, task, obs_mode, state_dim, n_cams)
+
+
+def _validate(ds: Dataset, path: Path, task: Task, obs_mode: str, state_dim: int, n_cams: int) -> Dataset:
+    if ds.states.ndim != 2 or ds.actions.ndim != 2:
+        raise TaskError(f"{path}: states/actions must be 2-D, got {ds.states.shape} and {ds.actions.shape}")
+    if task.suite == "gym" and ds.states.shape[1] != state_dim:
+        cols = _legacy_gym_columns(task, ds.states.shape[1])
+        if cols is not None:
+            ds.states = ds.states[:, cols]
+    n = len(ds.actions)
+    if len(ds.states) != n or ds.episode_lengths.sum() != n or (ds.episode_lengths <= 0).any():
+        raise TaskError(f"{path}: {len(ds.states)} states, {n} actions and episode lengths summing to "
+                        f"{ds.episode_lengths.sum()} do not agree")
+    if ds.states.shape[1] != state_dim:
+        hint = " (an image dataset? use obs_mode 'image')" if obs_mode == "state" and \
+            ds.states.shape[1] == 9 * len(task.robots) else ""
+        raise TaskError(f"{path}: states have {ds.states.shape[1]} dims, task {task.name} in {obs_mode} mode "
+                        f"expects {state_dim}{hint}")
+    if ds.actions.shape[1] != task.act_dim:
+        raise TaskError(f"{path}: actions have {ds.actions.shape[1]} dims, task {task.name} expects {task.act_dim}")
+    if not (np.isfinite(ds.states).all() and np.isfinite(ds.actions).all()):
+        raise TaskError(f"{path}: states or actions contain NaN or inf")
+    if obs_mode == "image":
+        want = (n, 3 * n_cams, IMAGE_SIZE, IMAGE_SIZE)
+        if ds.images is None or ds.images.shape != want:
+            got = None if ds.images is None else ds.images.shape
+            raise TaskError(f"{path}: images have shape {got}, task {task.name} expects {want} "
+                            f"(cameras {', '.join(task.cameras)})")
+    else:
+        ds.images = None  # state mode never needs them; free the memory
+    ds.states, ds.actions = ds.states.astype(np.float32), ds.actions.astype(np.float32)
+    if ds.rewards is not None and len(ds.rewards) != n:
+        ds.rewards = None
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing robomimic files and downloading DMPO datasets
+# ----------------------------------------------------------------------------------------------
+def write_robomimic_hdf5(path: str | os.PathLike, episodes: list[dict], env_args: dict,
+                         compress_images: bool = True) -> None:
+    """Write episodes in robomimic's layout, atomically (path + ".tmp", then os.replace).
+
+    Each episode: actions (T,A), states (T,S) flattened sim states, rewards (T,), dones (T,),
+    obs {key: (T,...)}, optional next_obs {key: (T,...)} and model_file (MJCF xml string).
+    uint8 image obs ((T,H,W,3), upright) are gzip-compressed. mask/train and mask/valid split 90/10
+    (the last tenth of the demos is "valid"; scripted demos are i.i.d., so order does not bias it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    names = [f"demo_{i}" for i in range(len(episodes))]
+    n_valid = len(names) // 10
+    with h5py.File(tmp, "w") as f:
+        data = f.create_group("data")
+        data.attrs["total"] = int(sum(len(ep["actions"]) for ep in episodes))
+        data.attrs["env_args"] = json.dumps(env_args)
+        for name, ep in zip(names, episodes):
+            g = data.create_group(name)
+            g.attrs["num_samples"] = int(len(ep["actions"]))
+            g.attrs["model_file"] = ep.get("model_file", "")
+            for key in ("actions", "states", "rewards", "dones"):
+                g.create_dataset(key, data=np.asarray(ep[key]))
+            for group_name in ("obs", "next_obs"):
+                for key, value in ep.get(group_name, {}).items():
+                    value = np.asarray(value)
+                    gzip = compress_images and value.dtype == np.uint8 and value.ndim == 4
+                    g.create_dataset(f"{group_name}/{key}", data=value,
+                                     **({"compression": "gzip", "compression_opts": 4} if gzip else {}))
+        f.create_dataset("mask/train", data=np.array(names[:len(names) - n_valid], dtype="S"))
+        f.create_dataset("mask/valid", data=np.array(names[len(names) - n_valid:], dtype="S"))
+    os.replace(tmp, path)
+
+
+HF_BASE_URL = "https://huggingface.co/datasets/Guowei-Zou/DMPO-datasets/resolve/main"
+
+
+def downloaded_path(task: Task | str, obs_mode: str = "state", dest_dir: str = "data") -> Path:
+    """Where download_dataset puts train.npz (mirrors the DMPO-datasets folders, e.g. data/robomimic/lift-img)."""
+    task = get_task(task)
+    obs_dims(task, obs_mode)
+    return Path(dest_dir) / (task.hf_subdir + ("-img" if obs_mode == "image" else "")) / "train.npz"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_dataset(task: Task | str, dest_dir: str = "data", base_url: str = HF_BASE_URL,
+                     obs_mode: str = "state", sha256: dict | None = None) -> Path:
+    """Fetch the task's DMPO/DPPO train.npz + normalization.npz; returns the train.npz path.
+
+    Files already present are kept. sha256 maps file name -> hex digest; digests are always printed,
+    and a mismatch is an error. Each file goes to a ".part" file first, then is renamed, so an
+    interrupted download never leaves a truncated train.npz behind.
+    """
+    from tqdm import tqdm
+
+    train_path = downloaded_path(task, obs_mode, dest_dir)
+    folder = train_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    subdir = get_task(task).hf_subdir + ("-img" if obs_mode == "image" else "")
+    for name in ("train.npz", "normalization.npz"):
+        dest, url = folder / name, f"{base_url.rstrip('/')}/{subdir}/{name}"
+        if not dest.exists():
+            part = Path(str(dest) + ".part")
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as out:
+                    total = int(r.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{subdir}/{name}") as bar:
+                        for block in iter(lambda: r.read(1 << 20), b""):
+                            out.write(block)
+                            bar.update(len(block))
+            except (urllib.error.URLError, OSError) as e:
+                part.unlink(missing_ok=True)
+                reason = getattr(e, "reason", None) or e
+                raise TaskError(f"could not download {url} ({reason}); fetch it by hand and save it as {dest}")
+            os.replace(part, dest)
+        digest = _sha256(dest)
+        expected = (sha256 or {}).get(name)
+        if expected and digest != expected:
+            dest.unlink()
+            raise TaskError(f"{dest}: sha256 {digest} does not match the expected {expected}; file removed")
+        print(f"{dest}: sha256 {digest}" + (" (verified)" if expected else ""))
+    return train_path
