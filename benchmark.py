@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from models import PolicyConfig, count_params, load_policy, make_policy
-from tasks import obs_dims
+from pretrain import task_defaults
+from tasks import TASKS, obs_dims
 
 # ----------------------------------------------------------------------------- machine description
 
@@ -89,9 +90,11 @@ def lift_configs():
     """The two policies the paper-size claims are about: lift image (1.78M) and lift state."""
     sd_img, cams = obs_dims("lift", "image")
     sd_state, _ = obs_dims("lift", "state")
+    d = task_defaults(TASKS["lift"], "state")      # the state policy pretrain.py trains by default
     return [
         ("lift-image", PolicyConfig(state_dim=sd_img, act_dim=7, chunk=4, obs_mode="image", n_cameras=cams)),
-        ("lift-state", PolicyConfig(state_dim=sd_state, act_dim=7, chunk=4, obs_mode="state")),
+        ("lift-state", PolicyConfig(state_dim=sd_state, act_dim=7, chunk=4, obs_mode="state",
+                                    hidden_dim=d["hidden_dim"], cond_mlp_dims=tuple(d["cond_dims"]))),
     ]
 
 
@@ -275,13 +278,24 @@ def n_calls(est_ms, calls, budget_s, floor=20):
     return max(min(calls, floor), int(budget_s * 1e3 / max(est_ms, 1e-3)))
 
 
+def probe(fn, warmup, budget_s, sync):
+    """Warm-up calls, timed: `warmup` of them, or fewer once `budget_s` is spent (at least 2), so a 200 ms baseline
+    does not spend seconds warming up."""
+    out, start = [], time.perf_counter()
+    for i in range(warmup):
+        out.append(time_calls(fn, 1, 0, sync)[0])
+        if i >= 1 and budget_s > 0 and time.perf_counter() - start > budget_s:
+            break
+    return np.array(out)
+
+
 def measure(rows, args, sync_of, label, floor=20):
     """Best-of-repeats timing of every row, round-robin over rows. Fills median/p90/p99/n into each row."""
     for rep in range(args.repeats):
         for row in rows:
             sync = sync_of(row)
-            if rep == 0:                    # size the row from a short probe: warm-up plus a time estimate
-                warm = time_calls(row["fn"], max(args.warmup, 1), 0, sync)
+            if rep == 0:                    # size the row from its warm-up calls, which also give the estimate
+                warm = probe(row["fn"], max(args.warmup, 2), 0.25 * args.row_budget, sync)
                 row["calls"] = n_calls(float(np.median(warm[len(warm) // 2:])), args.calls, args.row_budget, floor)
                 w = 0
             else:                           # other rows ran in between: a few calls to re-warm caches
@@ -408,7 +422,7 @@ def train_rows(name, policy, device, args):
             total.backward()
             opt.step()
         rows.append(dict(device=str(device), policy=name, method=label, steps=1, batch=batch, variant="eager",
-                         encoder="once", fn=step))
+                         encoder="once", fn=step, params=count_params(p)))
     return rows
 
 
@@ -525,7 +539,9 @@ PARETO_NEED = ("ckpt", "steps", "success_rate", "policy_ms")
 
 
 def read_eval_csvs(paths):
-    """evaluate.py rows -> one point per (ckpt, steps): mean success rate, median policy latency."""
+    """evaluate.py rows -> one point per (ckpt, task, steps): mean success rate, median policy latency. evaluate.py
+    appends every run to its CSV, so repeated evaluations of one checkpoint are pooled here. Optional columns `task`
+    and `n_envs` (observations per batched call, which is what its policy_ms times) are carried along."""
     groups = {}
     for path in paths:
         if not os.path.isfile(path):
@@ -545,20 +561,23 @@ def read_eval_csvs(paths):
                 if not (math.isfinite(sr) and math.isfinite(ms)):
                     print(f"warning: {path} line {i}: NaN success_rate/policy_ms, skipped", file=sys.stderr)
                     continue
-                g = groups.setdefault((rec["ckpt"], steps), {"sr": [], "ms": []})
+                g = groups.setdefault((rec["ckpt"], rec.get("task") or "", steps), {"sr": [], "ms": [], "envs": set()})
                 g["sr"].append(sr)
                 g["ms"].append(ms)
+                g["envs"].add(rec.get("n_envs") or "?")
     if not groups:
         sys.exit("error: --pareto: no usable rows in " + ", ".join(paths))
-    points = [{"ckpt": c, "steps": k, "success_rate": float(np.mean(g["sr"])), "policy_ms": float(np.median(g["ms"])),
-               "n_rows": len(g["sr"])} for (c, k), g in groups.items()]
+    points = [{"ckpt": c, "task": task, "steps": k, "success_rate": float(np.mean(g["sr"])),
+               "policy_ms": float(np.median(g["ms"])), "n_rows": len(g["sr"]), "n_envs": "/".join(sorted(g["envs"]))}
+              for (c, task, k), g in groups.items()]
     # evaluate.py may write a fraction or a percentage; show percent either way
     if max(p["success_rate"] for p in points) <= 1.0:
         for p in points:
             p["success_rate"] *= 100
     short = short_names(sorted({p["ckpt"] for p in points}))
+    several_tasks = len({p["task"] for p in points}) > 1
     for p in points:
-        p["label"] = short[p["ckpt"]]
+        p["label"] = short[p["ckpt"]] + (f" [{p['task']}]" if several_tasks else "")
     return sorted(points, key=lambda p: (p["policy_ms"], -p["success_rate"]))
 
 
@@ -574,9 +593,11 @@ def short_names(paths):
 
 
 def mark_front(points):
-    """Pareto-optimal: no other point is at least as fast and at least as successful, and strictly better in one."""
+    """Pareto-optimal: no other point of the same task is at least as fast and at least as successful, and strictly
+    better in one (success rates of different tasks do not compete)."""
     for p in points:
-        p["front"] = not any(q is not p and q["policy_ms"] <= p["policy_ms"] and q["success_rate"] >= p["success_rate"]
+        p["front"] = not any(q is not p and q["task"] == p["task"]
+                             and q["policy_ms"] <= p["policy_ms"] and q["success_rate"] >= p["success_rate"]
                              and (q["policy_ms"] < p["policy_ms"] or q["success_rate"] > p["success_rate"])
                              for q in points)
 
@@ -596,9 +617,10 @@ def plot_pareto(points, png):
         for p in pts:
             ax.annotate(f"K={p['steps']}", (p["policy_ms"], p["success_rate"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
-    front = sorted((p for p in points if p["front"]), key=lambda p: p["policy_ms"])
-    ax.step([p["policy_ms"] for p in front], [p["success_rate"] for p in front], where="post", color="k",
-            lw=1, ls="--", label="Pareto front")
+    for i, task in enumerate(sorted({p["task"] for p in points})):
+        front = sorted((p for p in points if p["front"] and p["task"] == task), key=lambda p: p["policy_ms"])
+        ax.step([p["policy_ms"] for p in front], [p["success_rate"] for p in front], where="post", color="k",
+                lw=1, ls="--", label="Pareto front" if i == 0 else None)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))   # 0.5 1 2 5 10 ... ms
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
@@ -618,17 +640,19 @@ def run_pareto(args):
     points = read_eval_csvs(args.pareto)
     mark_front(points)
     print("\n## Success rate against latency (from " + ", ".join(args.pareto) + ")\n")
-    print(markdown(["ckpt", "K", "success %", "policy ms", "Hz", "Pareto", "eval rows"],
+    print("policy ms is evaluate.py's median per `act` call, which batches n_envs observations.\n")
+    print(markdown(["ckpt", "K", "success %", "policy ms", "calls/s", "n_envs", "Pareto", "eval rows"],
                    [[p["label"], p["steps"], f"{p['success_rate']:.1f}", p["policy_ms"],
-                     f"{1e3 / p['policy_ms']:.0f}" if p["policy_ms"] > 0 else "-", "yes" if p["front"] else "",
+                     f"{1e3 / p['policy_ms']:.0f}" if p["policy_ms"] > 0 else "-", p["n_envs"],
+                     "yes" if p["front"] else "",
                      p["n_rows"]] for p in points]))
     table_csv = os.path.splitext(args.out_png)[0] + ".csv"
     os.makedirs(os.path.dirname(os.path.abspath(table_csv)), exist_ok=True)
     with open(table_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, ["ckpt", "steps", "success_rate_pct", "policy_ms", "pareto", "n_rows"])
+        w = csv.DictWriter(f, ["ckpt", "task", "steps", "success_rate_pct", "policy_ms", "n_envs", "pareto", "n_rows"])
         w.writeheader()
         for p in points:
-            w.writerow({"ckpt": p["ckpt"], "steps": p["steps"], "success_rate_pct": f"{p['success_rate']:.2f}",
+            w.writerow({"ckpt": p["ckpt"], "task": p["task"], "n_envs": p["n_envs"], "steps": p["steps"], "success_rate_pct": f"{p['success_rate']:.2f}",
                         "policy_ms": f"{p['policy_ms']:.4f}", "pareto": int(p["front"]), "n_rows": p["n_rows"]})
     print(f"\nwrote {table_csv}")
     plot_pareto(points, args.out_png)
@@ -648,7 +672,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="auto = cpu plus cuda when present; or one device (cpu, cuda:0)")
     ap.add_argument("--repeats", type=int, help="measure each row N times and keep the best median (default 3; --quick 1)")
     ap.add_argument("--row-budget", type=float, help="seconds per row and repeat before a slow row gets fewer calls "
-                                                     "(never < 20); 0 = always --calls (default 2; --quick 0.3)")
+                                                     "(never < 20); 0 = always --calls (default 1.5; --quick 0.3)")
     ap.add_argument("--quick", action="store_true", help="short run for smoke tests (fewer calls, one repeat)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows (compilation time not counted)")
     ap.add_argument("--torchscript", action="store_true", help="add TorchScript (trace + freeze) rows")
@@ -658,14 +682,15 @@ def parse_args(argv=None):
     ap.add_argument("--skip-train", action="store_true", help="skip the training-throughput rows")
     ap.add_argument("--train-batch", type=int, default=256, help="batch of the state-policy training steps")
     ap.add_argument("--image-batch", type=int, help="batch of the image-policy training steps (default 32; --quick 4)")
-    ap.add_argument("--train-steps", type=int, help="timed optimizer steps per loss and repeat (default 20; --quick 2)")
+    ap.add_argument("--train-steps", type=int, help="timed optimizer steps per loss and repeat, fewer if over --row-budget "
+                                                      "(never < 3) (default 20; --quick 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fresh weights and example observations")
     ap.add_argument("--out-csv", default="runs/benchmark.csv", help="CSV with the same rows as the tables")
     ap.add_argument("--pareto", nargs="+", metavar="CSV", help="evaluate.py CSV(s): success-vs-latency table and PNG only")
     ap.add_argument("--out-png", default="runs/pareto.png", help="Pareto plot path (its table goes next to it as .csv)")
     args = ap.parse_args(argv)
     quick = args.quick
-    for key, normal, short in (("calls", 200, 30), ("warmup", 20, 3), ("repeats", 3, 1), ("row_budget", 2.0, 0.3),
+    for key, normal, short in (("calls", 200, 30), ("warmup", 20, 3), ("repeats", 3, 1), ("row_budget", 1.5, 0.3),
                                ("image_batch", 32, 4), ("train_steps", 20, 2)):
         if getattr(args, key) is None:
             setattr(args, key, short if quick else normal)

@@ -20,6 +20,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue as queue_lib
+import sys
 import time
 import traceback
 
@@ -432,7 +434,7 @@ def run_arm_episode(env, task, rng, noise: float, images: bool, max_steps: int):
             success_at = t
         if success_at is not None and t >= success_at + post_success:
             break
-        if truncated or (terminated and not ok):
+        if truncated or (terminated and not ok) or expert.phase == "give_up":
             break
     ep["dones"][-1] = 1
     out = {
@@ -469,19 +471,75 @@ def _collect_worker(task_name, quota, max_attempts, seed, images, noise, keep_fa
     emit("done", {"attempts": attempts, "successes": successes})
 
 
-def _worker_main(worker, args, queue):
+def _worker_main(worker, args, queue, parent_pid):
+    def emit(kind, payload):
+        if os.getppid() != parent_pid:  # parent killed: do not collect on as an orphan
+            os._exit(1)
+        queue.put((worker, kind, payload))
+
     try:
-        _collect_worker(*args, emit=lambda kind, payload: queue.put((worker, kind, payload)))
+        _collect_worker(*args, emit=emit)
     except BaseException:  # noqa: BLE001 - forwarded to the parent
         queue.put((worker, "error", traceback.format_exc()))
 
 
 def env_args_for(task, images: bool) -> dict:
     """robomimic `env_args`: how to rebuild the env that recorded the demos."""
+    if task.suite != "robosuite":  # robomimic EnvType.GYM_TYPE
+        return {"env_name": task.env_id, "type": 2, "env_kwargs": dict(task.env_kwargs)}
     import robosuite
 
     return {"env_name": task.env_id, "env_version": robosuite.__version__, "type": 1,
             "env_kwargs": tasks.robosuite_kwargs(task, "image" if images else "state")}
+
+
+def _run_workers(jobs, handle):
+    """One process per job; messages are handled as they arrive (progress), results are merged
+    by the caller in worker order. A worker that dies without reporting raises instead of hanging."""
+    # fork, not spawn: the caller's __main__ (e.g. pretrain.py) is not re-imported; workers never touch torch.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(w, job, queue, os.getpid()), daemon=True) for w, job in enumerate(jobs)]
+    for p in procs:
+        p.start()
+    done = set()
+    try:
+        while len(done) < len(procs):
+            try:
+                w, kind, payload = queue.get(timeout=5.0)
+            except queue_lib.Empty:
+                dead = [(w, p.exitcode) for w, p in enumerate(procs) if w not in done and not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"collect worker(s) died without reporting (worker, exit code): {dead}")
+                continue
+            handle(w, kind, payload)
+            if kind == "done":
+                done.add(w)
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:  # only our own workers, on error or Ctrl-C
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+
+def _write(out, episodes, env_args, keep_failures):
+    """Write via tasks.write_robomimic_hdf5 (atomic). With failures kept, also add mask/successful and
+    mask/failed, still atomically: write to a side file, add the masks, then rename."""
+    eps = [{k: v for k, v in ep.items() if k != "success"} for ep in episodes]
+    if not keep_failures:
+        tasks.write_robomimic_hdf5(out, eps, env_args=env_args, compress_images=True)
+        return
+    import h5py
+
+    side = str(out) + ".masks.tmp"
+    tasks.write_robomimic_hdf5(side, eps, env_args=env_args, compress_images=True)
+    with h5py.File(side, "a") as f:
+        for name, want in (("successful", True), ("failed", False)):
+            names = [f"demo_{i}" for i, ep in enumerate(episodes) if ep["success"] == want]
+            f.create_dataset(f"mask/{name}", data=np.array(names, dtype="S"))
+    os.replace(side, out)
 
 
 def collect(task_name, episodes, images=False, out=None, workers=2, seed=0, noise=0.05,
@@ -492,7 +550,9 @@ def collect(task_name, episodes, images=False, out=None, workers=2, seed=0, nois
     worker order, so the file is deterministic for (seed, workers). Returns a summary dict.
     """
     if task_name not in RUNNERS:
-        raise ValueError(f"no scripted expert for task {task_name!r}; have {sorted(RUNNERS)}")
+        raise tasks.TaskError(f"no scripted expert for task {task_name!r}; have {', '.join(sorted(RUNNERS))}")
+    if episodes < 1:
+        raise tasks.TaskError(f"--episodes must be >= 1, got {episodes}")
     task = tasks.TASKS[task_name]
     out = out or task.default_dataset
     workers = max(1, min(int(workers), episodes))
@@ -525,39 +585,25 @@ def collect(task_name, episodes, images=False, out=None, workers=2, seed=0, nois
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
-            bar.set_postfix(attempts=n_att[0])
+            bar.set_postfix(attempts=n_att[0], refresh=False)
 
     jobs = [(task_name, quotas[w], caps[w], seed + 1000 * w, images, noise, keep_failures) for w in range(workers)]
-    if workers == 1:
-        _collect_worker(*jobs[0], emit=lambda kind, payload: handle(0, kind, payload))
-    else:
-        # fork: workers need no re-import of the caller's __main__; they never touch torch.
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_worker_main, args=(w, jobs[w], queue), daemon=True) for w in range(workers)]
-        for p in procs:
-            p.start()
-        try:
-            finished = 0
-            while finished < workers:
-                w, kind, payload = queue.get()
-                handle(w, kind, payload)
-                finished += kind == "done"
-            for p in procs:
-                p.join()
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-    if bar is not None:
-        bar.close()
+    if images and task.suite == "robosuite":
+        tasks.setup_rendering()  # pick MUJOCO_GL once here; the workers inherit it
+    try:
+        if workers == 1:
+            _collect_worker(*jobs[0], emit=lambda kind, payload: handle(0, kind, payload))
+        else:
+            _run_workers(jobs, handle)
+    finally:
+        if bar is not None:
+            bar.close()
 
     attempts = sum(s["attempts"] for s in stats)
     successes = sum(s["successes"] for s in stats)
     episodes_out = [ep for w in range(workers) for ep in kept[w]]
     if episodes_out:
-        tasks.write_robomimic_hdf5(out, [{k: v for k, v in ep.items() if k != "success"} for ep in episodes_out],
-                                   env_args=env_args_for(task, images), compress_images=True)
+        _write(out, episodes_out, env_args_for(task, images), keep_failures)
     minutes = (time.time() - t0) / 60.0
     return {
         "task": task_name,
@@ -591,8 +637,12 @@ def main():
     p.add_argument("--keep-failures", action="store_true", help="also write failed episodes")
     p.add_argument("--max-attempts", type=int, default=None, help="cap on attempts (default 2*episodes+20)")
     args = p.parse_args()
-    s = collect(args.task, args.episodes, images=args.images, out=args.out, workers=args.workers, seed=args.seed,
-                noise=args.noise, keep_failures=args.keep_failures, max_attempts=args.max_attempts)
+    try:
+        s = collect(args.task, args.episodes, images=args.images, out=args.out, workers=args.workers,
+                    seed=args.seed, noise=args.noise, keep_failures=args.keep_failures,
+                    max_attempts=args.max_attempts)
+    except tasks.TaskError as e:
+        sys.exit(f"error: {e}")
     print(f"{s['task']}: {s['successes']}/{s['attempts']} successful ({100 * s['success_rate']:.1f}%), "
           f"length {s['mean_length']:.1f} [{s['min_length']}-{s['max_length']}], "
           f"{s['minutes']:.2f} min ({s['episodes_per_minute']:.1f} ep/min), "

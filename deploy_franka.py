@@ -8,11 +8,11 @@
 Loop design. Every period (1 / --hz) the loop reads the robot, takes the next action from a queue, passes it
 through the safety filter, commands it, logs one CSV row and sleeps until the next period. When the queue is
 empty it calls the policy *inline* on the observation it has just read and queues the first --act-steps
-actions of the chunk. Inline on purpose: one-step inference costs about 1 ms for a state policy and 2-3 ms
-for the light ViT on this CPU, far inside a 10-50 ms period, so an inference thread would only add GIL
-contention (2 cores), races on the queue and stale chunks, and would pay off only for policies slower than a
-period -- which is what one-step MeanFlow removes. A slow inference shows up as a deadline miss in the CSV,
-and the watchdog below covers a hang.
+actions of the chunk. Inline on purpose: one-step inference takes about 1 ms (state MLP) to 2-8 ms (light
+ViT) on this 2-core CPU, inside a 10-50 ms period, so the chunk starts from an observation read in the same
+period. An inference thread would add GIL contention, races on the queue and chunks planned from older
+observations, and pays off only for policies slower than a period -- what one-step MeanFlow removes.
+A slow inference shows up as a deadline miss in the CSV, and the watchdog below covers a hang.
 
 Actions are robosuite OSC_POSE deltas in [-1, 1] (world frame; position x output_max 0.05 m, axis-angle
 x 0.5 rad, gripper > 0 closes), the same units evaluate.py feeds the env. Like robosuite's controller, a
@@ -55,7 +55,7 @@ import torch
 import tasks
 from models import load_policy
 
-CSV_COLUMNS = ["step", "t_s", "lag_ms", "period_ms", "loop_ms", "infer_ms", "obs_age_ms", "queue", "miss", "clamp",
+CSV_COLUMNS = ["step", "t_s", "lag_ms", "period_ms", "loop_ms", "infer_ms", "send_ms", "obs_age_ms", "queue", "miss", "clamp",
                "cmd_x", "cmd_y", "cmd_z", "cmd_qx", "cmd_qy", "cmd_qz", "cmd_qw", "cmd_grip",
                "meas_x", "meas_y", "meas_z", "meas_qx", "meas_qy", "meas_qz", "meas_qw", "meas_grip"]
 CONFIRM_WORD = "MOVE"
@@ -232,6 +232,10 @@ class SimBackend:
 
     def __init__(self, env, seed=0, dry_run=False):
         self.env, self.dry_run = env, dry_run
+        # A fresh robosuite env spends ~60 ms of one-time set-up in its first step: pay it before the clock
+        # starts, then reset so the run still begins from the seeded scene.
+        env.reset(seed=seed)
+        env.step(np.zeros(env.task.act_dim))
         self.obs = env.reset(seed=seed)
         self.lock = threading.Lock()  # the watchdog may call stop() while the loop steps
         self.stopped, self.stop_time, self.n_commands = False, None, 0
@@ -495,7 +499,7 @@ def run_loop(policy, backend, limits, scales, hz, steps, log_path, watchdog_peri
     period = 1.0 / hz
     act_steps = act_steps or policy.cfg.chunk
     queue, chunk_t = deque(), None
-    stats = {"loop_ms": [], "infer_ms": [], "e2e_ms": [], "misses": 0, "clamped": 0}
+    stats = {"loop_ms": [], "infer_ms": [], "send_ms": [], "e2e_ms": [], "misses": 0, "clamped": 0}
     watchdog = Watchdog(watchdog_periods * period, backend.stop)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     log_file = open(log_path, "w", newline="")
@@ -518,6 +522,7 @@ def run_loop(policy, backend, limits, scales, hz, steps, log_path, watchdog_peri
                 queue.extend(np.asarray(chunk)[:act_steps])
                 chunk_t = r.t
             cmd = safe_command(queue.popleft(), r.pos, r.quat, limits, scales)
+            issued = time.perf_counter()
             if watchdog.tripped or not backend.command(cmd):
                 reason = "watchdog: no command for {:.0f} ms".format(watchdog_periods * period * 1e3)
                 break
@@ -527,18 +532,20 @@ def run_loop(policy, backend, limits, scales, hz, steps, log_path, watchdog_peri
             stats["misses"] += miss
             stats["clamped"] += bool(cmd.clamp)
             stats["loop_ms"].append((done - start) * 1e3)
+            stats["send_ms"].append((done - issued) * 1e3)
             if np.isfinite(infer_ms):
                 stats["infer_ms"].append(infer_ms)
-                stats["e2e_ms"].append((done - r.t) * 1e3)
+                stats["e2e_ms"].append((issued - r.t) * 1e3)
             log.writerow([k, f"{start - t0:.6f}", f"{(start - next_t) * 1e3:.3f}", f"{(start - prev_start) * 1e3:.3f}",
-                          f"{(done - start) * 1e3:.3f}", f"{infer_ms:.3f}", f"{(done - chunk_t) * 1e3:.3f}", len(queue),
-                          int(miss), cmd.clamp, *np.round(cmd.pos, 6), *np.round(cmd.quat, 6), f"{cmd.grip:.3f}",
+                          f"{(done - start) * 1e3:.3f}", f"{infer_ms:.3f}", f"{(done - issued) * 1e3:.3f}",
+                          f"{(issued - chunk_t) * 1e3:.3f}", len(queue), int(miss), cmd.clamp,
+                          *np.round(cmd.pos, 6), *np.round(cmd.quat, 6), f"{cmd.grip:.3f}",
                           *np.round(r.pos, 6), *np.round(r.quat, 6), f"{r.grip:.6f}"])
             if k % max(int(hz), 1) == 0:
                 log_file.flush()  # about once a second: a crash loses at most a second of rows
             prev_start, k = start, k + 1
-            # Late by a whole period or more: restart the grid from now instead of firing the missed periods
-            # back to back, which would send several steps in one period and defeat the speed limit.
+            # A step that overran its period: start the next one now and drop the missed slots rather than
+            # firing them back to back, which would send several steps in one period past the speed limit.
             next_t = max(next_t + period, time.perf_counter())
     except UnsafeAction as e:
         reason = f"unsafe: {e}"
@@ -553,7 +560,8 @@ def run_loop(policy, backend, limits, scales, hz, steps, log_path, watchdog_peri
                "reason": reason, "misses": stats["misses"], "clamped": stats["clamped"],
                "watchdog_tripped": watchdog.tripped, "log": log_path,
                "loop_ms": percentiles(stats["loop_ms"]), "infer_ms": percentiles(stats["infer_ms"]),
-               "e2e_ms": percentiles(stats["e2e_ms"]), "inferences": len(stats["infer_ms"])}
+               "e2e_ms": percentiles(stats["e2e_ms"]), "send_ms": percentiles(stats["send_ms"]),
+               "inferences": len(stats["infer_ms"])}
     print_summary(summary)
     return summary
 
@@ -567,7 +575,8 @@ def print_summary(s):
           f"stopped: {s['reason']}")
     print(f"  loop work ms        {_fmt(s['loop_ms'])}")
     print(f"  inference ms        {_fmt(s['infer_ms'])}  ({s['inferences']} calls)")
-    print(f"  obs -> command ms   {_fmt(s['e2e_ms'])}  (steps that ran inference)")
+    print(f"  obs -> command ms   {_fmt(s['e2e_ms'])}  (read + inference + safety, steps that ran inference)")
+    print(f"  send ms            {_fmt(s['send_ms'])}  (sim: the physics step; franky: queuing the motion)")
     print(f"  deadline misses {s['misses']}, clamped steps {s['clamped']}, watchdog {'TRIPPED' if s['watchdog_tripped'] else 'ok'}")
     print(f"  per-step log: {s['log']}")
 

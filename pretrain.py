@@ -229,12 +229,11 @@ def main(argv=None):
                                 + (f" success {row['success_rate']:.2f}" if "success_rate" in row else ""))
             acc = {k: 0.0 for k in acc}
             t_log = time.time()
-        if step % args.save_every == 0 or last:
+        if step % args.save_every == 0 or last:   # a killed run loses at most one save interval
             save(latest)
-            if not last:
+            if step % args.save_every == 0:
                 save(out / f"step_{step}.pt")
     bar.close()
-    save(latest)
     with open(csv_path) as f:
         final = list(csv.DictReader(f))[-1]
     msg = f"done: {step} steps in {(time.time() - wall0) / 60:.1f} min, final loss {float(final['loss_flow']):.4f}"

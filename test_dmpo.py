@@ -1,5 +1,9 @@
 """Tests of the DMPO core (models.py). Seeded and CPU-only; `python -m pytest -q` runs everything."""
+import csv
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +310,108 @@ def test_ema_update():
     m.ema_update(a, b, 0.9)
     for x0, x, y in zip(pa0, a.parameters(), b.parameters()):
         assert torch.allclose(x, 0.9 * x0 + 0.1 * y, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- benchmark.py
+
+REPO = Path(m.__file__).resolve().parent
+
+
+def test_ddpm_sampler_shape_range_and_loop_matches_act():
+    """The benchmark's DDPM baseline returns one action chunk in env units (its last step is the clipped x0, so it
+    stays inside the action range) and its hand-written loop is the same computation as `act`."""
+    import benchmark as bm
+    torch.manual_seed(0)
+    p = m.make_policy(small_cfg()).eval()
+    p.set_normalization(-np.ones(5), np.ones(5), -2 * np.ones(3), 2 * np.ones(3))
+    sched = bm.ddpm_schedule(10, "cosine")
+    abar = np.array([s["sqrt_abar"] ** 2 for s in sched])
+    assert len(sched) == 10 and (np.diff(abar) < 0).all() and abar[0] > 0.9 and abar[-1] < 1e-3  # data -> noise
+    obs = {"state": np.zeros((1, 5), np.float32)}
+    for reencode in (False, True):
+        a = bm.loop_act(p, obs, "ddpm", 10, reencode, sched=sched)
+        assert a.shape == (1, 4, 3) and np.isfinite(a).all() and np.abs(a).max() <= 2 + 1e-5
+    bm.check_loop_matches_act(p, obs)     # raises if the "encoder every step" loop drifts from act()
+
+
+def test_benchmark_quick_writes_expected_rows(tmp_path):
+    out = tmp_path / "bench.csv"
+    r = subprocess.run([sys.executable, "benchmark.py", "--quick", "--calls", "5", "--out-csv", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "## Batch-1 latency" in r.stdout and "lift-image" in r.stdout and "intra-op threads 1" in r.stdout
+    rows = list(csv.DictReader(out.open()))
+    got = {(x["section"], x["policy"], x["method"], x["steps"], x["encoder"]) for x in rows}
+    for pol in ("lift-image", "lift-state"):
+        for method, k, enc in (("meanflow", "1", "once"), ("meanflow", "2", "once"), ("meanflow", "5", "every step"),
+                               ("flow", "20", "once"), ("flow", "20", "every step"),
+                               ("ddpm", "100", "once"), ("ddpm", "100", "every step")):
+            assert ("latency", pol, method, k, enc) in got, (pol, method, k, enc)
+        assert {("train", pol, l) for l in ("flow matching", "meanflow (JVP)", "meanflow + dispersive")} <= \
+            {(x["section"], x["policy"], x["method"]) for x in rows}
+    one = [x for x in rows if x["method"] == "meanflow" and x["steps"] == "1"]
+    assert all(float(x["ratio"]) == 1.0 and float(x["median_ms"]) > 0 for x in one)
+    assert all(x["calls"] == "5" for x in rows if x["section"] == "latency")
+    assert {x["params"] for x in rows if x["policy"] == "lift-image"} == {"1776636"}
+
+
+# ----------------------------------------------------------------------------- pretrain.py / evaluate.py end to end
+
+@pytest.fixture(scope="module")
+def lift_demos(tmp_path_factory):
+    import collect_demos
+    path = tmp_path_factory.mktemp("demos") / "lift.hdf5"
+    collect_demos.collect("lift", 3, out=str(path), workers=1, seed=0)
+    return str(path)
+
+
+def test_pretrain_resume_and_evaluate(lift_demos, tmp_path, capsys):
+    import evaluate
+    import pretrain
+    out = tmp_path / "run"
+    common = ["--task", "lift", "--dataset", lift_demos, "--batch-size", "32", "--log-every", "10",
+              "--save-every", "10", "--eval-episodes", "2", "--eval-envs", "2", "--out", str(out), "--warmup", "5"]
+    pretrain.main(common + ["--steps", "20"])
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [r["step"] for r in rows] == ["10", "20"]
+    assert rows[-1]["success_rate"] != "" and rows[0]["success_rate"] == ""
+    assert all(math.isfinite(float(r["loss_flow"])) for r in rows)
+    with pytest.raises(SystemExit, match="--resume"):              # never silently overwrite a run
+        pretrain.main(common + ["--steps", "20"])
+    pretrain.main(common + ["--steps", "30", "--resume"])
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [r["step"] for r in rows] == ["10", "20", "30"]           # same CSV, same step counter
+    ck = torch.load(out / "latest.pt", weights_only=True)
+    assert ck["step"] == 30 and ck["task"] == "lift" and "optimizer" in ck
+    assert (out / "step_10.pt").exists() and (out / "step_20.pt").exists()
+
+    # evaluate.py needs only the checkpoint, and two runs give identical numbers
+    argv = ["--ckpt", str(out / "latest.pt"), "--episodes", "2", "--n-envs", "2", "--inference-steps", "1", "2",
+            "--max-episode-steps", "24", "--csv", str(tmp_path / "eval.csv")]
+    first, second = evaluate.main(argv), evaluate.main(argv)
+    for a, b in zip(first, second):
+        for key in ("success_rate", "return_mean", "length_mean"):
+            assert a[key] == b[key]
+    assert [r["steps"] for r in first] == [1, 2] and first[0]["length_mean"] == 24
+    assert len(list(csv.DictReader(open(tmp_path / "eval.csv")))) == 4
+    assert "| K |" in capsys.readouterr().out
+
+
+def test_wilson_interval():
+    import evaluate
+    lo, hi = evaluate.wilson_interval(100, 100)
+    assert hi == 1.0 and 0.96 < lo < 0.97
+    lo, hi = evaluate.wilson_interval(50, 100)
+    assert abs(lo - 0.404) < 0.002 and abs(hi - 0.596) < 0.002
+
+
+def test_stage_scripts_fail_in_one_line(tmp_path):
+    bad = tmp_path / "bad.hdf5"
+    bad.write_bytes(b"junk")
+    for cmd, needle in ((["pretrain.py", "--task", "lift", "--dataset", str(bad), "--out", str(tmp_path / "r")], "bad.hdf5"),
+                        (["evaluate.py", "--ckpt", str(tmp_path / "missing.pt")], "missing.pt"),
+                        (["pretrain.py", "--task", "lift", "--device", "cuda:7", "--out", str(tmp_path / "r")], "cuda")):
+        r = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and needle in last, r.stderr[-500:]

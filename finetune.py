@@ -1,0 +1,598 @@
+"""Fine-tune a pretrained DMPO policy with PPO: the one-step MeanFlow policy improves past its demonstrations.
+
+    python finetune.py --ckpt runs/lift_state_meanflow_a0.5_s0/latest.pt          # K = 1, per-task defaults
+    python finetune.py --ckpt runs/hopper_.../latest.pt --max-minutes 60 --eval-every 10
+    python finetune.py --ckpt ... --bc-coef 0                                       # no BC regularizer (ablation)
+    python finetune.py --out runs/ft_lift_state_K1_bc0.05_s0 --resume --iterations 200
+
+The policy is the pretrained MeanFlow chain with noise injected at every denoising step (method.md §5, the
+ReinFlow frame DMPO uses): x_0 ~ N(0, I), x_{i+1} = clamp(x_i - (t_i - t_{i+1}) u(x_i, t_{i+1}, t_i | s)) + sigma_i eps,
+with sigma_i from a small learned network bounded to [min_std, max_std]. Every transition is Gaussian, so the chain
+has an exact log-probability and PPO can train it. K = 1 (the one-step policy of the paper) by default.
+
+Loop (read top to bottom in `main`): load checkpoint -> actor (trained), frozen reference copy (BC), noise net,
+critic -> [rollout n_steps chunks in n_envs envs -> running reward scaling -> GAE over chunk steps -> PPO epochs
+(clipped surrogate + entropy + value + BC-to-pretrained) with KL early stop] x iterations -> CSV, checkpoint, eval.
+The fine-tuned actor is saved as an ordinary MeanFlowPolicy ("model"/"ema"), so evaluate.py --ckpt reads it as is.
+"""
+import argparse
+import copy
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import evaluate
+import models
+import tasks
+
+# flags that may change when a run is resumed; every other setting comes from the checkpoint's saved args
+RUN_CONTROL = ("iterations", "max_minutes", "eval_every", "eval_episodes", "eval_envs", "eval_seed", "save_every",
+               "keep_every", "threads", "device", "out", "resume")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default=None, help="pretrained checkpoint (pretrain.py); its EMA weights are fine-tuned")
+    p.add_argument("--task", default=None, help="override the task stored in the checkpoint")
+    p.add_argument("--ft-steps", type=int, default=1, help="K: denoising steps of the fine-tuned chain (1 = one-step policy)")
+    # rollout
+    p.add_argument("--iterations", type=int, default=None, help="PPO iterations (default: 300 gym, 100 robosuite)")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop (save, evaluate) once the run's wall time, resumes included, exceeds this; 0 = off")
+    p.add_argument("--n-envs", type=int, default=None, help="parallel envs (reference 25/40; default 10 state, 4 image)")
+    p.add_argument("--n-steps", type=int, default=None, help="chunks per env per iteration (reference 400-500; default 250 gym, 100 robosuite)")
+    p.add_argument("--max-episode-steps", type=int, default=None, help="env steps per episode (default: task table)")
+    p.add_argument("--terminate-on-success", action=argparse.BooleanOptionalAction, default=True,
+                   help="end robosuite episodes at success (like evaluation); --no-... is the reference's never-done wrapper")
+    # PPO
+    p.add_argument("--gamma", type=float, default=None, help="discount per chunk (default: task table, 0.999 robosuite, 0.99 gym)")
+    p.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--actor-lr", type=float, default=None, help="actor + noise-net lr (reference 3e-6; default 1e-5 for short CPU runs)")
+    p.add_argument("--critic-lr", type=float, default=None, help="critic peak lr (reference 4.5e-4; 4e-4 can/square)")
+    p.add_argument("--critic-lr-min", type=float, default=None, help="critic cosine floor (reference 3e-4; 2.5e-4 can/square)")
+    p.add_argument("--critic-lr-warmup", type=int, default=25, help="critic lr warm-up iterations per cosine cycle")
+    p.add_argument("--critic-lr-cycle", type=int, default=100, help="critic cosine cycle length in iterations (restarts)")
+    p.add_argument("--actor-wd", type=float, default=0.0, help="AdamW weight decay of the actor")
+    p.add_argument("--critic-wd", type=float, default=None, help="AdamW weight decay of the critic (reference 1e-5 gym, 0 robosuite)")
+    p.add_argument("--update-epochs", type=int, default=10, help="PPO epochs over each rollout")
+    p.add_argument("--minibatch-size", type=int, default=None, help="chunks per minibatch (default 500 gym, 250 robosuite state, 100 image)")
+    p.add_argument("--clip-coef", type=float, default=0.01, help="PPO ratio clip (on the dimension-normalized log-prob)")
+    p.add_argument("--ent-coef", type=float, default=0.01, help="entropy bonus weight")
+    p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
+    p.add_argument("--target-kl", type=float, default=0.01, help="stop the update once a minibatch's approx KL exceeds this (0 = off)")
+    p.add_argument("--max-grad-norm", type=float, default=25.0, help="gradient clipping, actor and critic separately")
+    p.add_argument("--critic-warmup", type=int, default=2, help="first iterations train only the critic")
+    p.add_argument("--reward-scaling", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide rewards by the running std of the discounted return (clip +-10)")
+    # noise injection / log-probability
+    p.add_argument("--min-std", type=float, default=0.05, help="lower bound of the injected noise std (normalized actions)")
+    p.add_argument("--max-std", type=float, default=0.12, help="upper bound of the injected noise std")
+    p.add_argument("--noise-clip", type=float, default=3.0, help="injected standard-normal noise is clipped to +-this")
+    p.add_argument("--logprob-clip", type=float, default=1.0, help="clamp the normalized log-prob to +-this (0 = off)")
+    p.add_argument("--noise-hidden", type=int, nargs="+", default=None, help="noise-net MLP widths (default 256x3 state, 384x3 image)")
+    p.add_argument("--critic-hidden", type=int, default=256, help="critic residual-MLP width")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="image tasks: random-shift the rollout images once per iteration before the update")
+    # BC regularizer
+    p.add_argument("--bc-coef", type=float, default=None, help="BC-to-pretrained weight at the start (0 = ablation; default 0.05, 0.2 square/transport)")
+    p.add_argument("--bc-coef-final", type=float, default=None, help="BC weight after the decay (default: --bc-coef; 0.05 square/transport)")
+    p.add_argument("--bc-decay-start", type=int, default=20, help="iteration where the linear BC decay starts")
+    p.add_argument("--bc-decay-end", type=int, default=50, help="iteration where the BC weight reaches --bc-coef-final")
+    # bookkeeping
+    p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations (0 = only before and after)")
+    p.add_argument("--eval-episodes", type=int, default=50, help="episodes per evaluation (0 disables evaluation)")
+    p.add_argument("--eval-envs", type=int, default=10, help="environments per evaluation vector")
+    p.add_argument("--eval-seed", type=int, default=100_000, help="evaluation seed (as evaluate.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed for torch/numpy and the training envs")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/ft_<task>_<obs>_K<K>_bc<coef>_s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue <out>/latest.pt (settings from it; only run-control flags apply)")
+    p.add_argument("--save-every", type=int, default=5, help="iterations between writes of latest.pt (and always at the end)")
+    p.add_argument("--keep-every", type=int, default=0, help="also keep itr_<N>.pt every this many iterations (0 = never)")
+    return p.parse_args(argv)
+
+
+def task_defaults(task, obs_mode):
+    """method.md §5 values, scaled to a 2-core CPU: fewer envs/chunks per iteration (the reference collects 40k-80k
+    env steps per iteration), so fewer iterations fit in an hour and the actor lr is raised from 3e-6 to 1e-5."""
+    gym = task.suite == "gym"
+    image = obs_mode == "image"
+    decaying_bc = task.name in ("square", "transport")
+    lr_pair = (4e-4, 2.5e-4) if task.name in ("can", "square") else (4.5e-4, 3e-4)
+    return {
+        "iterations": 300 if gym else 100,
+        "n_envs": 4 if image else 10,
+        "n_steps": 250 if gym else 100,
+        "minibatch_size": 100 if image else (500 if gym else 250),
+        "actor_lr": 1e-5,
+        "critic_lr": lr_pair[0],
+        "critic_lr_min": lr_pair[1],
+        "critic_wd": 1e-5 if gym else 0.0,
+        "bc_coef": 0.2 if decaying_bc else 0.05,
+        "bc_coef_final": 0.05,
+        "noise_hidden": [384] * 3 if image else [256] * 3,
+    }
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def bc_coef_at(itr, coef, coef_final, decay_start, decay_end):
+    """BC weight at iteration `itr`: `coef` up to decay_start, linear to `coef_final` at decay_end, then constant
+    (method.md §5 `update_bc_coeff`: square/transport 0.2 -> 0.05 between iterations 20 and 50)."""
+    if itr <= decay_start or decay_end <= decay_start:
+        return coef if itr <= decay_start else coef_final
+    if itr >= decay_end:
+        return coef_final
+    return coef + (coef_final - coef) * (itr - decay_start) / (decay_end - decay_start)
+
+
+def cosine_warmup_restarts(itr, lr_max, lr_min, cycle, warmup):
+    """Critic lr (method.md §5): per cycle, linear lr_min -> lr_max over `warmup` iterations, then cosine to lr_min."""
+    pos = (itr - 1) % max(cycle, 1)
+    if pos < warmup:
+        return lr_min + (lr_max - lr_min) * pos / max(warmup, 1)
+    frac = (pos - warmup) / max(cycle - warmup, 1)
+    return lr_min + (lr_max - lr_min) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+# ----------------------------------------------------------------------------- the stochastic chain
+
+class NoiseNet(nn.Module):
+    """sigma(x_i, s, t_i): input [x_i flattened || cond_emb || time embedding of t_i] -> Tanh MLP -> log-variance,
+    squashed by tanh into [log min_std^2, log max_std^2] (ReinFlow's bounded form of method.md §5's clamp, which keeps
+    a gradient everywhere; a hard clamp would pin a freshly initialized net at max_std with zero gradient)."""
+
+    def __init__(self, cond_dim, chunk, act_dim, hidden=(256, 256, 256), min_std=0.05, max_std=0.12, time_dim=16):
+        super().__init__()
+        if not 0 < min_std < max_std:
+            raise ValueError(f"need 0 < min_std < max_std, got {min_std}, {max_std}")
+        self.t_emb = models.time_mlp(time_dim)
+        self.net = models.mlp([chunk * act_dim + cond_dim + time_dim, *hidden, chunk * act_dim], act=nn.Tanh)
+        self.register_buffer("logvar_min", torch.tensor(2 * math.log(min_std)))
+        self.register_buffer("logvar_max", torch.tensor(2 * math.log(max_std)))
+
+    def forward(self, x, cond, t):              # x (B, Ta, Da), cond (B, E), t (B,) -> std (B, Ta, Da)
+        h = self.net(torch.cat([x.flatten(1), cond, self.t_emb(t)], dim=-1))
+        logvar = self.logvar_min + (self.logvar_max - self.logvar_min) * (torch.tanh(h) + 1) / 2
+        return torch.exp(0.5 * logvar).view_as(x)
+
+
+def chain_times(policy, k, device):
+    """(t_i, t_{i+1}, r_i) for i = 0..K-1 with t = linspace(1, 0, K+1): the step goes from t_i to t_{i+1}, and the
+    network's r input is t_{i+1} (MeanFlow) or t_i (flow matching), exactly as MeanFlowPolicy.sample."""
+    ts = torch.linspace(1.0, 0.0, k + 1, device=device)
+    t, t_next = ts[:-1], ts[1:]
+    return t, t_next, (t if policy.cfg.loss == "flow" else t_next)
+
+
+def chain_means(policy, x, cond, t, t_next, r):
+    """Deterministic part of one denoising step, mu = clamp(x - (t - t_next) u(x, r, t | s), -1, 1) (method.md §5)."""
+    return (x - (t - t_next)[:, None, None] * policy.velocity(x, r, t, cond)).clamp(-1, 1)
+
+
+def sample_chain(policy, noise_net, cond, k, noise_clip=3.0):
+    """Roll the noisy chain: returns chain (B, K+1, Ta, Da) = [x_0, ..., x_K] (x_K unclamped; the env gets
+    clamp(x_K, -1, 1), a fixed post-processing that does not enter the log-probability)."""
+    b, cfg = cond.shape[0], policy.cfg
+    ts, tn, rs = chain_times(policy, k, cond.device)
+    x = torch.randn(b, cfg.chunk, cfg.act_dim, device=cond.device)
+    chain = [x]
+    for i in range(k):
+        t = ts[i].expand(b)
+        mu = chain_means(policy, x, cond, t, tn[i].expand(b), rs[i].expand(b))
+        std = noise_net(x, cond, t)
+        x = mu + std * torch.randn_like(mu).clamp(-noise_clip, noise_clip)
+        chain.append(x)
+    return torch.stack(chain, dim=1)
+
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def chain_log_prob(policy, noise_net, cond, chain):
+    """Exact log-density of a stored chain, summed over all dims: log N(x_0; 0, I) + sum_i log N(x_{i+1}; mu_i, sigma_i^2)
+    (the initial-noise term is included, `account_for_initial_stochasticity`). All K transitions are evaluated in one
+    batched network call (teacher forcing on the stored x_i). Also returns the chain entropy (sum over dims) and the
+    stds (B, K, Ta, Da)."""
+    b, k = chain.shape[0], chain.shape[1] - 1
+    ts, tn, rs = chain_times(policy, k, chain.device)
+    x_in = chain[:, :-1].flatten(0, 1)                              # (B*K, Ta, Da), row order (b, i)
+    cond_k = cond.repeat_interleave(k, dim=0)
+    t = ts.repeat(b)
+    mu = chain_means(policy, x_in, cond_k, t, tn.repeat(b), rs.repeat(b)).view_as(chain[:, 1:])
+    std = noise_net(x_in, cond_k, t).view_as(chain[:, 1:])
+    x0 = chain[:, 0]
+    lp0 = (-0.5 * x0.pow(2) - LOG_SQRT_2PI).flatten(1).sum(1)
+    lp = (-0.5 * ((chain[:, 1:] - mu) / std).pow(2) - std.log() - LOG_SQRT_2PI).flatten(1).sum(1)
+    dims = x0[0].numel()
+    ent = dims * (0.5 + LOG_SQRT_2PI) * (k + 1) + std.log().flatten(1).sum(1)
+    return lp0 + lp, ent, std
+
+
+def normalize_log_prob(lp, k, dims, clip=1.0):
+    """Reference normalization (method.md §5): divide by (K+1) * Ta * Da, then clamp to [-clip, clip]."""
+    lp = lp / ((k + 1) * dims)
+    return lp.clamp(-clip, clip) if clip > 0 else lp
+
+
+@torch.no_grad()
+def reference_action(policy_old, state_n, rgb, k):
+    """Action of the frozen pretrained policy from zero noise (the BC target, method.md §5 "W2")."""
+    cond = policy_old.encode(state_n, rgb)
+    zeros = torch.zeros(cond.shape[0], policy_old.cfg.chunk, policy_old.cfg.act_dim, device=cond.device)
+    return policy_old.sample(cond, k, noise=zeros)
+
+
+def bc_loss(policy, cond, a_old, k):
+    """MSE between the fine-tuned deterministic chain from zero noise and the pretrained one's action."""
+    return F.mse_loss(policy.sample(cond, k, noise=torch.zeros_like(a_old)), a_old)
+
+
+# ----------------------------------------------------------------------------- GAE
+
+@torch.no_grad()
+def compute_gae(rewards, values, dones, boot, next_value, gamma, lam):
+    """GAE over chunk steps (method.md §5), tensors (T, N) in time order per env:
+        delta_t = r_t + gamma * V' - V(s_t),   A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1},
+    with V' = V(s_{t+1}) while the episode goes on, V(final obs) on truncation (`boot`, a time limit is not a
+    terminal state), and 0 on termination (boot = 0). The trace is cut at every episode end either way, because the
+    next stored observation belongs to the new episode. (The reference bootstraps truncations from the post-reset
+    observation; this uses the last real one.) Returns advantages (T, N); returns = advantages + values."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        nxt = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        nxt = torch.where(dones[t] > 0, boot[t], nxt)
+        delta = rewards[t] + gamma * nxt - values[t]
+        last = delta + gamma * lam * (1 - dones[t]) * last
+        adv[t] = last
+    return adv
+
+
+# ----------------------------------------------------------------------------- critic
+
+class StateCritic(nn.Module):
+    """CriticObs (method.md §5): ResidualMLP [obs, 256, 256, 256, 1] on the normalized state."""
+
+    def __init__(self, state_dim, hidden=256):
+        super().__init__()
+        self.net = models.ResidualMLP(state_dim, hidden, 1, n_blocks=1)
+
+    def forward(self, state_n, rgb=None):
+        return self.net(state_n).squeeze(-1)
+
+
+class ImageCritic(nn.Module):
+    """ViTCritic (method.md §5): its own light ViT + SpatialEmb(128), then ResidualMLP [128 + obs, 256, 256, 256, 1]."""
+
+    def __init__(self, cfg, hidden=256):
+        super().__init__()
+        self.vit = models.LightViT(3 * cfg.n_cameras, cfg.vit_dim, cfg.vit_heads, cfg.vit_depth, cfg.img_size)
+        self.spatial = models.SpatialEmb(self.vit.n_tokens, cfg.vit_dim, cfg.state_dim, cfg.vit_dim, dropout=0.0)
+        self.net = models.ResidualMLP(cfg.vit_dim + cfg.state_dim, hidden, 1, n_blocks=1)
+
+    def forward(self, state_n, rgb):
+        feat = self.spatial(self.vit(rgb.float() / 255.0 - 0.5), state_n)
+        return self.net(torch.cat([feat, state_n], dim=-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- running reward scaling
+
+class RewardScaler:
+    """r / std(running discounted return), clipped to +-10 (method.md §5, F:util/reward_scaling.py). Vectorized over
+    envs; the discounted return of an env restarts after its episode ends."""
+
+    def __init__(self, n_envs, gamma, clip=10.0):
+        self.gamma, self.clip = gamma, clip
+        self.ret = np.zeros(n_envs)
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def __call__(self, reward, done):
+        self.ret = self.ret * self.gamma + reward
+        b_mean, b_var, b = float(self.ret.mean()), float(self.ret.var()), len(self.ret)
+        delta, tot = b_mean - self.mean, self.count + b          # parallel (Chan et al.) mean/variance update
+        self.var = (self.var * self.count + b_var * b + delta ** 2 * self.count * b / tot) / tot
+        self.mean, self.count = self.mean + delta * b / tot, tot
+        self.ret[done] = 0.0
+        return np.clip(reward / math.sqrt(self.var + 1e-8), -self.clip, self.clip)
+
+    def state_dict(self):
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, d):
+        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
+
+
+CSV_COLS = ["iteration", "env_steps", "wall_s", "episodes", "success_rate", "return_mean", "length_mean",
+            "policy_loss", "value_loss", "entropy", "bc_loss", "bc_coef", "approx_kl", "clipfrac", "std_mean",
+            "explained_var", "actor_lr", "critic_lr", "grad_steps", "kl_stop", "rollout_s", "update_s",
+            "env_steps_per_s", "eval_episodes", "eval_success_rate", "eval_ci_low", "eval_ci_high",
+            "eval_return_mean", "eval_length_mean"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # --- settings: a new run starts from --ckpt; --resume restores everything but the run-control flags ----------
+    try:
+        device = models.resolve_device(args.device)
+        if args.resume:
+            out = Path(args.out) if args.out else None
+            if out is None:
+                raise ValueError("--resume needs --out (the run directory)")
+            latest = out / "latest.pt"
+            if not latest.exists():
+                raise ValueError(f"--resume: {latest} does not exist")
+            resume_ckpt = torch.load(latest, map_location=device, weights_only=True)
+            saved = dict(resume_ckpt["args"])
+            saved.update({k: getattr(args, k) for k in RUN_CONTROL})
+            args = argparse.Namespace(**saved)
+            policy, _ = models.load_policy(str(latest), device)     # the fine-tuned actor
+            task = tasks.get_task(resume_ckpt["task"])
+        else:
+            if args.ckpt is None:
+                raise ValueError("pass --ckpt (a pretrained checkpoint) or --out DIR --resume")
+            policy, pre = models.load_policy(args.ckpt, device, use_ema=True)
+            task = tasks.get_task(args.task or pre.get("task") or "")
+            for key, val in task_defaults(task, policy.cfg.obs_mode).items():
+                if key == "bc_coef_final" and args.bc_coef is not None:
+                    val = args.bc_coef                         # an explicit --bc-coef is constant unless told
+                if getattr(args, key) is None:
+                    setattr(args, key, val)
+            args.gamma = task.gamma if args.gamma is None else args.gamma
+            out = Path(args.out or f"runs/ft_{task.name}_{policy.cfg.obs_mode}_K{args.ft_steps}_bc{args.bc_coef:g}_s{args.seed}")
+            latest = out / "latest.pt"
+            if latest.exists():
+                raise ValueError(f"{latest} exists: pass --resume to continue it or --out to start a new run")
+            args.out = str(out)
+        if min(args.ft_steps, args.n_envs, args.n_steps, args.minibatch_size, args.iterations, args.update_epochs) < 1:
+            raise ValueError("--ft-steps, --n-envs, --n-steps, --minibatch-size, --iterations, --update-epochs must be >= 1")
+        obs_mode = policy.cfg.obs_mode
+        if policy.cfg.act_dim != task.act_dim or policy.cfg.chunk != task.chunk:
+            raise ValueError(f"checkpoint policy (chunk {policy.cfg.chunk}, act_dim {policy.cfg.act_dim}) does not fit task {task.name}")
+    except (ValueError, FileNotFoundError, tasks.TaskError) as e:
+        sys.exit(f"error: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    K, image = args.ft_steps, obs_mode == "image"
+    dims = task.chunk * task.act_dim
+
+    # --- networks: trained actor (all of it, encoder included), frozen pretrained copy, noise net, critic ---------
+    actor = policy.eval()                        # eval mode throughout: no dropout / in-net augmentation, so the
+    actor.cfg.inference_steps = K                # rollout and update log-probs come from the same function
+    actor_old = copy.deepcopy(actor).requires_grad_(False).eval()
+    noise_net = NoiseNet(actor.encoder.out_dim, task.chunk, task.act_dim, args.noise_hidden, args.min_std, args.max_std).to(device)
+    critic = (ImageCritic(actor.cfg, args.critic_hidden) if image else StateCritic(actor.cfg.state_dim, args.critic_hidden)).to(device)
+    actor_opt = torch.optim.AdamW(list(actor.parameters()) + list(noise_net.parameters()), lr=args.actor_lr, weight_decay=args.actor_wd)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_wd)
+    scaler = RewardScaler(args.n_envs, args.gamma)
+    itr, env_steps, wall_prev = 0, 0, 0.0
+    if args.resume:
+        actor_old.load_state_dict(resume_ckpt["reference_model"])
+        noise_net.load_state_dict(resume_ckpt["noise_net"])
+        critic.load_state_dict(resume_ckpt["critic"])
+        actor_opt.load_state_dict(resume_ckpt["actor_optimizer"])
+        critic_opt.load_state_dict(resume_ckpt["critic_optimizer"])
+        scaler.load_state_dict(resume_ckpt["reward_scaler"])
+        torch.set_rng_state(resume_ckpt["rng"])
+        itr, env_steps, wall_prev = resume_ckpt["step"], resume_ckpt["env_steps"], resume_ckpt["wall_s"]
+        print(f"resumed {latest} at iteration {itr} ({env_steps} env steps)")
+    print(f"{task.name} ({obs_mode}): fine-tuning a K={K} chain; actor {models.count_params(actor) / 1e6:.2f}M, "
+          f"noise net {models.count_params(noise_net) / 1e3:.0f}k, critic {models.count_params(critic) / 1e3:.0f}k params; "
+          f"{args.n_envs} envs x {args.n_steps} chunks per iteration; run dir {out}")
+
+    def save(path):
+        models.save_checkpoint(str(path), actor, None, itr, extra={
+            "task": task.name, "obs_mode": obs_mode, "args": vars(args), "env_steps": env_steps,
+            "noise_net": noise_net.state_dict(), "critic": critic.state_dict(),
+            "reference_model": actor_old.state_dict(), "actor_optimizer": actor_opt.state_dict(),
+            "critic_optimizer": critic_opt.state_dict(), "reward_scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(), "wall_s": wall_prev + time.time() - wall0})
+
+    def run_eval():
+        with torch.random.fork_rng():            # evaluate_policy reseeds torch; keep the training stream intact
+            r = evaluate.evaluate_policy(actor, task, obs_mode, args.eval_episodes, (K,), args.eval_envs,
+                                         args.eval_seed, args.max_episode_steps, True, progress=False)[0]
+        return {"eval_episodes": r["episodes"], "eval_success_rate": r["success_rate"], "eval_ci_low": r["ci_low"],
+                "eval_ci_high": r["ci_high"], "eval_return_mean": r["return_mean"], "eval_length_mean": r["length_mean"]}
+
+    # --- CSV: a new file, or on resume the old one cut back to the checkpoint's iteration -------------------------
+    csv_path = out / "log.csv"
+    old_rows = []
+    if args.resume and csv_path.exists():
+        with open(csv_path) as f:
+            old_rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= itr]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLS)
+        w.writeheader()
+        w.writerows(old_rows)
+
+    def log_row(row):
+        with open(csv_path, "a", newline="") as f:
+            csv.DictWriter(f, CSV_COLS).writerow(row)
+
+    wall0 = time.time()
+    if itr == 0 and args.eval_episodes > 0:      # the pretrained policy's score: the baseline fine-tuning must beat
+        row = {"iteration": 0, "env_steps": 0, "wall_s": 0.0, **run_eval()}
+        log_row(row)
+        print(f"pretrained policy: eval success {row['eval_success_rate']:.3f}, return {row['eval_return_mean']:.2f}")
+
+    # --- environments (training seeds differ from the evaluation seeds; a resumed run gets fresh ones) ------------
+    envs = tasks.ChunkVecEnv(task, obs_mode, args.n_envs, args.seed + 10_000 * itr, args.terminate_on_success,
+                             args.max_episode_steps)
+    obs = envs.reset()
+    T, N = args.n_steps, args.n_envs
+
+    def to_tensors(o):
+        s = actor.normalize_state(torch.as_tensor(o["state"], device=device))
+        return s, (torch.as_tensor(o["rgb"], device=device) if image else None)
+
+    bar = tqdm(total=args.iterations, initial=itr, desc=f"finetune {task.name}", dynamic_ncols=True)
+    while itr < args.iterations:
+        itr += 1
+        t_start, steps_before = time.time(), env_steps
+        # ===================== rollout: T chunks in N envs with the noisy chain =====================
+        b_state = torch.zeros(T, N, actor.cfg.state_dim, device=device)
+        b_rgb = torch.zeros(T, N, *obs["rgb"].shape[1:], dtype=torch.uint8, device=device) if image else None
+        b_chain = torch.zeros(T, N, K + 1, task.chunk, task.act_dim, device=device)
+        b_logp = torch.zeros(T, N, device=device)
+        b_value = torch.zeros(T, N, device=device)
+        b_reward = torch.zeros(T, N, device=device)
+        b_done = torch.zeros(T, N, device=device)
+        b_boot = torch.zeros(T, N, device=device)  # V(final obs) of truncated episodes, 0 for terminations
+        episodes, stds = [], []
+        for step in range(T):
+            state_n, rgb = to_tensors(obs)
+            with torch.no_grad():
+                cond = actor.encode(state_n, rgb)
+                chain = sample_chain(actor, noise_net, cond, K, args.noise_clip)
+                lp, _, std = chain_log_prob(actor, noise_net, cond, chain)
+                b_value[step] = critic(state_n, rgb)
+            b_state[step], b_chain[step] = state_n, chain
+            b_logp[step] = normalize_log_prob(lp, K, dims, args.logprob_clip)
+            if image:
+                b_rgb[step] = rgb
+            stds.append(std.mean().item())
+            action = actor.unnormalize_action(chain[:, -1].clamp(-1, 1)).cpu().numpy()
+            obs, reward, done, info = envs.step(action)
+            env_steps += int(info["steps"].sum())
+            episodes += info["episodes"]
+            if args.reward_scaling:
+                reward = scaler(reward, done)
+            b_reward[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            b_done[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
+            trunc = np.flatnonzero(info["truncated"])
+            if len(trunc):                         # time limit: bootstrap from the value of the last real observation
+                fs, frgb = to_tensors({k: v[trunc] for k, v in info["final_obs"].items()})
+                with torch.no_grad():
+                    b_boot[step, torch.as_tensor(trunc, device=device)] = critic(fs, frgb)
+        with torch.no_grad():
+            next_value = critic(*to_tensors(obs))
+        rollout_s = time.time() - t_start
+
+        # ===================== flatten; image tasks: augment once, recompute old log-probs / values ================
+        B = T * N
+        f_state, f_chain = b_state.flatten(0, 1), b_chain.flatten(0, 1)
+        f_rgb = b_rgb.flatten(0, 1) if image else None
+        f_logp = b_logp.flatten()
+        if image and args.augment:                 # method.md §2: the PPO image buffer shifts every image once
+            f_rgb = torch.cat([models.random_shift(f_rgb[i:i + 256].float()).round().to(torch.uint8)
+                               for i in range(0, B, 256)])
+            with torch.no_grad():
+                for i in range(0, B, 256):
+                    sl = slice(i, i + 256)
+                    cond = actor.encode(f_state[sl], f_rgb[sl])
+                    f_logp[sl] = normalize_log_prob(chain_log_prob(actor, noise_net, cond, f_chain[sl])[0], K, dims, args.logprob_clip)
+                    b_value.view(-1)[sl] = critic(f_state[sl], f_rgb[sl])
+        with torch.no_grad():                      # BC targets: the frozen pretrained policy from zero noise
+            f_aold = torch.cat([reference_action(actor_old, f_state[i:i + 1024], f_rgb[i:i + 1024] if image else None, K)
+                                for i in range(0, B, 1024)])
+
+        # ===================== GAE over chunk steps (termination cuts, truncation bootstraps) ======================
+        adv = compute_gae(b_reward, b_value, b_done, b_boot, next_value, args.gamma, args.gae_lambda)
+        f_ret = (adv + b_value).flatten()
+        f_adv, f_value = adv.flatten(), b_value.flatten()
+
+        # ===================== PPO update =====================
+        bc_coef = bc_coef_at(itr, args.bc_coef, args.bc_coef_final, args.bc_decay_start, args.bc_decay_end)
+        critic_lr = cosine_warmup_restarts(itr, args.critic_lr, args.critic_lr_min, args.critic_lr_cycle, args.critic_lr_warmup)
+        for g in critic_opt.param_groups:
+            g["lr"] = critic_lr
+        train_actor = itr > args.critic_warmup
+        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "bc_loss", "approx_kl", "clipfrac")}
+        grad_steps, kl_stop = 0, False
+        t_update = time.time()
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(B, device=device)
+            for start in range(0, B, args.minibatch_size):
+                idx = perm[start:start + args.minibatch_size]
+                s_mb, rgb_mb = f_state[idx], (f_rgb[idx] if image else None)
+                v_loss = 0.5 * (critic(s_mb, rgb_mb) - f_ret[idx]).pow(2).mean()
+                loss = args.vf_coef * v_loss
+                if train_actor:
+                    cond = actor.encode(s_mb, rgb_mb)
+                    lp, ent, _ = chain_log_prob(actor, noise_net, cond, f_chain[idx])
+                    logratio = normalize_log_prob(lp, K, dims, args.logprob_clip) - f_logp[idx]
+                    ratio = logratio.exp()
+                    mb_adv = f_adv[idx]
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(correction=0) + 1e-8)   # per-minibatch normalization
+                    pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                    entropy = (ent / ((K + 1) * dims)).mean()                           # normalized like the log-prob
+                    if bc_coef > 0:
+                        bc = bc_loss(actor, cond, f_aold[idx], K)
+                    else:
+                        with torch.no_grad():
+                            bc = bc_loss(actor, cond, f_aold[idx], K)
+                    loss = pg_loss - args.ent_coef * entropy + loss + bc_coef * bc
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - logratio).mean()
+                        stats["approx_kl"].append(approx_kl.item())
+                        stats["clipfrac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
+                        stats["policy_loss"].append(pg_loss.item())
+                        stats["entropy"].append(entropy.item())
+                        stats["bc_loss"].append(bc.item())
+                stats["value_loss"].append(v_loss.item())
+                actor_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                critic_opt.step()
+                if train_actor:
+                    nn.utils.clip_grad_norm_(list(actor.parameters()) + list(noise_net.parameters()), args.max_grad_norm)
+                    actor_opt.step()
+                grad_steps += 1
+                if train_actor and args.target_kl > 0 and approx_kl.item() > args.target_kl:
+                    kl_stop = True                 # KL early stop ends this iteration's update
+                    break
+            if kl_stop:
+                break
+        update_s = time.time() - t_update
+
+        # ===================== logging, evaluation, checkpoints =====================
+        wall = wall_prev + time.time() - wall0
+        last_itr = itr == args.iterations or (args.max_minutes > 0 and wall >= 60 * args.max_minutes)
+        with torch.no_grad():
+            var_y = f_ret.var()
+            explained_var = float(1 - (f_ret - f_value).var() / var_y) if var_y > 0 else float("nan")
+        row = {"iteration": itr, "env_steps": env_steps, "wall_s": round(wall, 1), "episodes": len(episodes),
+               "bc_coef": bc_coef, "std_mean": float(np.mean(stds)), "explained_var": explained_var,
+               "actor_lr": args.actor_lr if train_actor else 0.0, "critic_lr": critic_lr, "grad_steps": grad_steps,
+               "kl_stop": int(kl_stop), "rollout_s": round(rollout_s, 2), "update_s": round(update_s, 2),
+               "env_steps_per_s": round((env_steps - steps_before) / max(time.time() - t_start, 1e-9), 1)}
+        row.update({k: float(np.mean(v)) for k, v in stats.items() if v})
+        if episodes:
+            row.update(success_rate=float(np.mean([e["success"] for e in episodes])),
+                       return_mean=float(np.mean([e["return"] for e in episodes])),
+                       length_mean=float(np.mean([e["length"] for e in episodes])))
+        if args.eval_episodes > 0 and ((args.eval_every and itr % args.eval_every == 0) or last_itr):
+            row.update(run_eval())
+        log_row(row)
+        bar.update(1)
+        bar.set_postfix_str(" ".join(f"{k} {row[k]:.3g}" for k in ("success_rate", "return_mean", "approx_kl",
+                                                                  "std_mean", "eval_success_rate") if k in row))
+        if itr % args.save_every == 0 and not last_itr:
+            save(latest)
+        if args.keep_every and itr % args.keep_every == 0:
+            save(out / f"itr_{itr}.pt")
+        if last_itr:
+            break
+    bar.close()
+    envs.close()
+    save(latest)
+    print(f"done: {itr} iterations, {env_steps} env steps in {(wall_prev + time.time() - wall0) / 60:.1f} min")
+    print(f"checkpoint: {latest}  (evaluate: python evaluate.py --ckpt {latest})")
+
+
+if __name__ == "__main__":
+    main()
