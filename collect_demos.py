@@ -1,4 +1,6 @@
-"""Scripted, state-based expert demonstrations for robosuite Lift / Can / Square.
+"""Demonstrations: scripted experts for robosuite Lift / Can / Square, PPO teachers for locomotion.
+
+Scripted, state-based expert demonstrations for robosuite Lift / Can / Square.
 
 Each expert is a small phase machine that reads object and gripper poses from the
 simulator and servos the OSC_POSE controller (7-D delta action). Per-episode randomness
@@ -10,8 +12,19 @@ The output is robomimic's hdf5 layout, written by `tasks.write_robomimic_hdf5`.
     python collect_demos.py --task square --episodes 100            # low-dim
     python collect_demos.py --task lift --episodes 50 --images      # + 96x96 cameras
 
-`collect(...)` is the programmatic entry point (used when a default dataset is missing).
-To add another task (e.g. a locomotion teacher), register an episode runner in RUNNERS.
+Locomotion (hopper, walker2d) has no scripted expert: a compact PPO teacher is trained on the CPU
+(checkpoint every 25k steps), the checkpoint whose *stochastic* return is closest to a D4RL-"medium"
+target (hopper 1500, walker2d 2500) is chosen, and its stochastic rollouts are written in D4RL layout
+(observations, clipped executed actions, rewards, terminals on true terminations only, timeouts on the
+1000-step limit and on the last transition; metadata/ attrs describe the teacher):
+
+    python collect_demos.py --task hopper                             # 200k transitions
+    python collect_demos.py --task walker2d --transitions 1000000
+    python collect_demos.py --task hopper --teacher runs/teacher/hopper_seed0/step_0176128.pt  # reuse one
+
+`collect(...)` is the programmatic entry point (used when a default dataset is missing); for locomotion
+its `episodes` argument is ignored (the size is `transitions`). To add another task, register it in
+RUNNERS (an episode runner for arm tasks, or a TeacherSpec in TEACHERS for a gym task).
 """
 
 from __future__ import annotations
@@ -25,8 +38,17 @@ import sys
 import time
 import traceback
 
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
 import numpy as np
+import torch
 from scipy.spatial.transform import Rotation
+from torch import nn
+from torch.distributions import Normal
+from tqdm import tqdm
 
 import tasks
 
@@ -156,6 +178,25 @@ class ArmExpert:
             a = a + self.rng.normal(0.0, self.noise, 7) * np.array([1, 1, 1, 0.3, 0.3, 0.3, 0])
         return np.clip(a, -1.0, 1.0)
 
+    def grasp_phases(self, hover_tgt, grasp_tgt, R_t, descend_timeout, grasp_tol=0.008, hover_xy_tol=None):
+        """hover above the grasp point -> descend onto it -> close the gripper; shared by every expert.
+        Returns an action, or None when the phase is not one of these three."""
+        if self.phase == "hover":
+            xy_ok = hover_xy_tol is None or np.linalg.norm(hover_tgt[:2] - self.eef()[0][:2]) < hover_xy_tol
+            if xy_ok and self.pos_err(hover_tgt) < 0.012 and self.ang_err(R_t) < 0.08:
+                self.goto("descend")
+            return self.servo(hover_tgt, R_t, GRIP_OPEN)
+        if self.phase == "descend":
+            if self.pos_err(grasp_tgt) < grasp_tol or self.t > descend_timeout:
+                self.goto("close")
+                self.hold = grasp_tgt
+            return self.servo(grasp_tgt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax)
+        if self.phase == "close":
+            if self.t >= self.close_steps:
+                self.goto("lift")
+            return self.servo(self.hold, R_t, GRIP_CLOSE)
+        return None
+
     def common_phases(self, hold_R) -> np.ndarray | None:
         """Phases shared by all experts (recovery). Returns an action or None."""
         pos, _ = self.eef()
@@ -188,21 +229,9 @@ class LiftExpert(ArmExpert):
         a = self.common_phases(R_t)
         if a is not None:
             return a
-        if self.phase == "hover":
-            tgt = cube + np.append(self.hover_off, self.hover_h)
-            if self.pos_err(tgt) < 0.012 and self.ang_err(R_t) < 0.08:
-                self.goto("descend")
-            return self.servo(tgt, R_t, GRIP_OPEN)
-        if self.phase == "descend":
-            tgt = cube + self.grasp_off
-            if self.pos_err(tgt) < 0.008 or self.t > 40:
-                self.goto("close")
-                self.hold = tgt
-            return self.servo(tgt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax)
-        if self.phase == "close":
-            if self.t >= self.close_steps:
-                self.goto("lift")
-            return self.servo(self.hold, R_t, GRIP_CLOSE)
+        a = self.grasp_phases(cube + np.append(self.hover_off, self.hover_h), cube + self.grasp_off, R_t, 40)
+        if a is not None:
+            return a
         if self.phase == "lift":
             if self.t > 5 and (pos[2] - cube[2] > 0.03 or self.finger_gap() < 0.01):
                 self.retry()
@@ -240,21 +269,9 @@ class CanExpert(ArmExpert):
         if held and self.t > 5 and (pos[2] - can[2] > 0.04 or self.finger_gap() < 0.01):
             self.retry()
             return self.servo(pos, R_t, GRIP_OPEN)
-        if self.phase == "hover":
-            tgt = can + [0.0, 0.0, self.hover_h]
-            if self.pos_err(tgt) < 0.012 and self.ang_err(R_t) < 0.08:
-                self.goto("descend")
-            return self.servo(tgt, R_t, GRIP_OPEN)
-        if self.phase == "descend":
-            tgt = can + self.grasp_off
-            if self.pos_err(tgt) < 0.008 or self.t > 50:
-                self.goto("close")
-                self.hold = tgt
-            return self.servo(tgt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax)
-        if self.phase == "close":
-            if self.t >= self.close_steps:
-                self.goto("lift")
-            return self.servo(self.hold, R_t, GRIP_CLOSE)
+        a = self.grasp_phases(can + [0.0, 0.0, self.hover_h], can + self.grasp_off, R_t, 50)
+        if a is not None:
+            return a
         if self.phase == "lift":
             if pos[2] > self.carry_z - 0.03:
                 self.goto("carry")
@@ -317,23 +334,12 @@ class SquareExpert(ArmExpert):
         if held and self.t > 5 and (np.linalg.norm(pos - handle) > 0.04 or self.finger_gap() < 0.01):
             self.retry()
             return self.servo(pos, R, GRIP_OPEN)
-        if self.phase == "hover":
-            tgt = handle + [0.0, 0.0, self.hover_h]
-            xy_err = np.linalg.norm(tgt[:2] - pos[:2])
-            if xy_err < 0.005 and self.pos_err(tgt) < 0.012 and self.ang_err(grasp_R) < 0.08:
-                self.goto("descend")
-            return self.servo(tgt, grasp_R, GRIP_OPEN)
-        if self.phase == "descend":
-            tgt = handle + self.grasp_off
-            if self.pos_err(tgt) < 0.006 or self.t > 50:
-                self.goto("close")
-                self.hold = tgt
-            return self.servo(tgt, grasp_R, GRIP_OPEN, vmax_z=self.descend_vmax)
-        if self.phase == "close":
-            if self.t >= self.close_steps:
-                self.goto("lift")
+        a = self.grasp_phases(handle + [0.0, 0.0, self.hover_h], handle + self.grasp_off, grasp_R, 50,
+                              grasp_tol=0.006, hover_xy_tol=0.005)
+        if a is not None:
+            if self.phase == "lift":      # the gripper has just closed: carry with the grasp orientation
                 self.R_grasp = grasp_R
-            return self.servo(self.hold, grasp_R, GRIP_CLOSE)
+            return a
         if self.phase == "lift":
             if pos[2] > self.carry_z - 0.015:
                 self.goto("align")
@@ -448,8 +454,331 @@ def run_arm_episode(env, task, rng, noise: float, images: bool, max_steps: int):
     return out, success_at is not None
 
 
-# One episode runner per task; a new task (e.g. "hopper") registers its own runner here.
-RUNNERS = {"lift": run_arm_episode, "can": run_arm_episode, "square": run_arm_episode}
+# ----------------------------------------------------------------------------- locomotion teacher
+# Hopper/Walker2d have no scripted expert. A compact CleanRL-style PPO (ppo_continuous_action: 4 envs x 512
+# steps, 10 epochs of 64-sample minibatches, observation and reward normalisation) trains a teacher on the
+# CPU; a checkpoint (weights + obs-normalisation stats) is saved every ckpt_every env steps and scored by
+# the return of its *stochastic* policy, which is what the dataset contains (often far below the
+# deterministic return). The checkpoint closest to a D4RL-"medium" target is rolled out into a D4RL-layout
+# hdf5 file. Observations are stored raw (the teacher's normalisation stays in its checkpoint).
+@dataclass(frozen=True)
+class TeacherSpec:
+    target: float  # stochastic return of the "medium" teacher (D4RL medium ~ 1/3-1/2 of expert return)
+    max_steps: int  # PPO env steps at most; training stops once a checkpoint is within TARGET_TOL of target
+
+
+TEACHERS = {"hopper": TeacherSpec(target=1500.0, max_steps=1_000_000),
+            "walker2d": TeacherSpec(target=2500.0, max_steps=1_500_000)}
+TARGET_TOL = 0.1  # stop training at the first checkpoint whose stochastic return is within 10% of target
+GAMMA_ENV = 0.99  # PPO's per-step discount (tasks' gamma is per action chunk)
+
+
+class RunningMeanStd:
+    """Running mean/variance of batches (parallel Welford), as in gymnasium's Normalize* wrappers."""
+
+    def __init__(self, shape=()):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+
+    def update(self, x: np.ndarray):
+        b_mean, b_var, n = x.mean(0), x.var(0), len(x)
+        delta, total = b_mean - self.mean, self.count + n
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + b_var * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+
+def _layer(n_in: int, n_out: int, std: float = np.sqrt(2)) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out)
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class TeacherAgent(nn.Module):
+    """CleanRL's Gaussian actor-critic: 64-64 tanh MLPs, state-independent log-std. The obs_mean/obs_var
+    buffers hold the observation-normalisation stats, so one state_dict is a complete teacher."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
+        super().__init__()
+
+        def mlp(n_out, std):
+            return nn.Sequential(_layer(obs_dim, hidden), nn.Tanh(), _layer(hidden, hidden), nn.Tanh(),
+                                 _layer(hidden, n_out, std))
+
+        self.critic, self.actor = mlp(1, 1.0), mlp(act_dim, 0.01)
+        self.logstd = nn.Parameter(torch.zeros(act_dim))
+        self.register_buffer("obs_mean", torch.zeros(obs_dim, dtype=torch.float64))
+        self.register_buffer("obs_var", torch.ones(obs_dim, dtype=torch.float64))
+
+    def normalize(self, obs: np.ndarray) -> torch.Tensor:
+        """Raw observations -> normalised float32 tensor with the stored stats (clipped to +-10)."""
+        mean, var = self.obs_mean.numpy(), self.obs_var.numpy()
+        return torch.as_tensor(np.clip((obs - mean) / np.sqrt(var + 1e-8), -10, 10), dtype=torch.float32)
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Action for one raw observation: the mean, plus Gaussian noise when rng is given (unclipped)."""
+        mean = self.actor(self.normalize(obs)).numpy().astype(np.float64)
+        return mean if rng is None else mean + np.exp(self.logstd.numpy()) * rng.standard_normal(mean.shape)
+
+
+def load_teacher(path, task) -> TeacherAgent:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    agent = TeacherAgent(task.obs_dim, task.act_dim)
+    agent.load_state_dict(ckpt["agent"])
+    return agent.eval()
+
+
+def train_teacher(task, total_steps: int, seed: int, ckpt_dir, ckpt_every: int, on_checkpoint=None,
+                  n_envs=4, n_steps=512, epochs=10, minibatch=64, lr=3e-4, lam=0.95, clip=0.2, progress=True):
+    """PPO on task's env. Every ckpt_every env steps: save ckpt_dir/step_XXXXXXX.pt and call
+    on_checkpoint(path, step) -> stop?  Returns the list of (step, path) saved."""
+    gamma = GAMMA_ENV
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    envs = [tasks.make_env(task, seed=seed + i) for i in range(n_envs)]
+    agent = TeacherAgent(task.obs_dim, task.act_dim)
+    opt = torch.optim.Adam(agent.parameters(), lr=lr, eps=1e-5, foreach=True)
+    obs_rms, ret_rms = RunningMeanStd(task.obs_dim), RunningMeanStd()
+    obs = np.stack([env.reset()["state"] for env in envs]).astype(np.float64)
+    obs_rms.update(obs)
+
+    def norm(o):
+        return np.clip((o - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -10, 10).astype(np.float32)
+
+    buf_obs = np.zeros((n_steps, n_envs, task.obs_dim), np.float32)
+    buf_act = np.zeros((n_steps, n_envs, task.act_dim), np.float32)
+    buf_logp, buf_val, buf_rew, buf_done = (np.zeros((n_steps, n_envs), np.float32) for _ in range(4))
+    disc_ret, ep_ret, recent = np.zeros(n_envs), np.zeros(n_envs), deque(maxlen=20)
+    n_updates = -(-total_steps // (n_envs * n_steps))
+    step, next_ckpt, saved = 0, ckpt_every, []
+    bar = tqdm(total=n_updates * n_envs * n_steps, desc=f"{task.name} PPO teacher", unit="step",
+               dynamic_ncols=True, disable=not progress)
+    for update in range(n_updates):
+        opt.param_groups[0]["lr"] = lr * (1 - update / n_updates)  # linear annealing
+        for t in range(n_steps):  # ---- rollout
+            x = norm(obs)
+            with torch.no_grad():
+                xt = torch.from_numpy(x)
+                dist = Normal(agent.actor(xt), agent.logstd.exp(), validate_args=False)
+                action = dist.sample()
+                buf_logp[t], buf_val[t] = dist.log_prob(action).sum(-1), agent.critic(xt).squeeze(-1)
+            buf_obs[t], buf_act[t] = x, action
+            rew, done, final = np.zeros(n_envs), np.zeros(n_envs, bool), {}
+            for i, env in enumerate(envs):
+                o, rew[i], term, trunc, _ = env.step(action[i].numpy())  # make_env clips the action
+                o = o["state"]
+                ep_ret[i] += rew[i]
+                done[i] = term or trunc
+                if trunc and not term:
+                    final[i] = o  # time limit: bootstrap from the value of the final observation
+                if done[i]:
+                    recent.append(ep_ret[i])
+                    ep_ret[i] = 0.0
+                    o = env.reset()["state"]
+                obs[i] = o
+            obs_rms.update(obs)
+            disc_ret = disc_ret * gamma + rew  # reward scaling: divide by the std of the discounted return
+            ret_rms.update(disc_ret)
+            buf_rew[t] = np.clip(rew / np.sqrt(ret_rms.var + 1e-8), -10, 10)
+            disc_ret[done] = 0.0
+            if final:
+                with torch.no_grad():
+                    v = agent.critic(torch.from_numpy(norm(np.stack(list(final.values()))))).squeeze(-1)
+                buf_rew[t, list(final)] += gamma * v.numpy()
+            buf_done[t] = done
+        with torch.no_grad():  # ---- GAE
+            next_val = agent.critic(torch.from_numpy(norm(obs))).squeeze(-1).numpy()
+        adv, last = np.zeros_like(buf_rew), 0.0
+        for t in reversed(range(n_steps)):
+            nxt = next_val if t == n_steps - 1 else buf_val[t + 1]
+            delta = buf_rew[t] + gamma * nxt * (1 - buf_done[t]) - buf_val[t]
+            adv[t] = last = delta + gamma * lam * (1 - buf_done[t]) * last
+        b_obs, b_act = torch.from_numpy(buf_obs.reshape(-1, task.obs_dim)), torch.from_numpy(buf_act.reshape(-1, task.act_dim))
+        b_logp, b_val, b_adv = (torch.from_numpy(a.reshape(-1)) for a in (buf_logp, buf_val, adv))
+        b_ret = b_adv + b_val
+        n = len(b_obs)
+        for _ in range(epochs):  # ---- clipped-surrogate updates
+            for idx in np.split(rng.permutation(n), n // minibatch):
+                dist = Normal(agent.actor(b_obs[idx]), agent.logstd.exp(), validate_args=False)
+                ratio = (dist.log_prob(b_act[idx]).sum(-1) - b_logp[idx]).exp()
+                a = (b_adv[idx] - b_adv[idx].mean()) / (b_adv[idx].std() + 1e-8)
+                pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip)).mean()
+                v = agent.critic(b_obs[idx]).squeeze(-1)
+                v_clipped = b_val[idx] + (v - b_val[idx]).clamp(-clip, clip)
+                v_loss = 0.5 * torch.max((v - b_ret[idx]) ** 2, (v_clipped - b_ret[idx]) ** 2).mean()
+                opt.zero_grad()
+                (pg_loss + 0.5 * v_loss).backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
+                opt.step()
+        step += n_envs * n_steps
+        bar.update(n_envs * n_steps)
+        if recent:
+            bar.set_postfix(train_return=f"{np.mean(recent):.0f}", refresh=False)
+        if step >= next_ckpt or update == n_updates - 1:
+            next_ckpt += ckpt_every
+            agent.obs_mean.copy_(torch.from_numpy(obs_rms.mean))
+            agent.obs_var.copy_(torch.from_numpy(obs_rms.var))
+            path = ckpt_dir / f"step_{step:07d}.pt"
+            torch.save({"agent": agent.state_dict(), "step": step, "task": task.name, "seed": seed}, path)
+            saved.append((step, path))
+            if on_checkpoint is not None and on_checkpoint(path, step):
+                break
+    bar.close()
+    for env in envs:
+        env.close()
+    return saved
+
+
+def rollout(agent: TeacherAgent, task, seed: int, stochastic=True, transitions=None, episodes=None,
+            progress=False) -> dict:
+    """Run a teacher for `transitions` steps (recorded in D4RL layout) or for `episodes` episodes (returns
+    only). Observations are the raw env observations; actions the clipped actions the env executed."""
+    env = tasks.make_env(task, seed=seed)
+    rng = np.random.default_rng(seed) if stochastic else None
+    n = transitions or episodes * task.max_episode_steps
+    rec = transitions is not None
+    if rec:
+        data = {"observations": np.zeros((n, task.obs_dim), np.float32),
+                "actions": np.zeros((n, task.act_dim), np.float32), "rewards": np.zeros(n, np.float32),
+                "terminals": np.zeros(n, bool), "timeouts": np.zeros(n, bool)}
+    returns, lengths, ep_ret, ep_len = [], [], 0.0, 0
+    obs = env.reset()["state"]
+    bar = tqdm(total=n, desc=f"{task.name} rollout", unit="step", dynamic_ncols=True, disable=not progress)
+    t = 0
+    for t in range(n):
+        # float32, like the file: the stored action is then exactly the one the env executed
+        action = np.clip(agent.act(obs, rng), env.low, env.high).astype(np.float32)
+        next_obs, reward, term, trunc, _ = env.step(action)
+        next_obs = next_obs["state"]
+        if rec:
+            data["observations"][t], data["actions"][t], data["rewards"][t] = obs, action, reward
+            data["terminals"][t], data["timeouts"][t] = term, trunc and not term
+        ep_ret, ep_len = ep_ret + reward, ep_len + 1
+        obs = next_obs
+        if term or trunc:
+            returns.append(ep_ret)
+            lengths.append(ep_len)
+            ep_ret, ep_len = 0.0, 0
+            obs = env.reset()["state"]
+            if not rec and len(returns) >= episodes:
+                break
+        if t % 1000 == 999:
+            bar.update(1000)
+    bar.update(t + 1 - bar.n)
+    bar.close()
+    env.close()
+    out = {"returns": np.array(returns), "lengths": np.array(lengths, dtype=np.int64)}
+    if rec:
+        if ep_len:  # the buffer ends mid-episode: a time-out, not a termination
+            data["timeouts"][-1] = True
+        out["data"], out["tail_length"] = data, ep_len
+    return out
+
+
+def write_d4rl_hdf5(path, data: dict, metadata: dict):
+    """D4RL layout (observations, actions, rewards float32; terminals, timeouts bool) plus metadata/ attrs;
+    atomic: written to path + ".tmp", then renamed (the .tmp is removed if writing fails)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in data.items():
+                f.create_dataset(key, data=value)
+            meta = f.create_group("metadata")
+            for key, value in metadata.items():
+                meta.attrs[key] = value
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def collect_locomotion(task_name, out=None, seed=0, transitions=200_000, teacher_steps=None,
+                       ckpt_every=25_000, target_return=None, teacher_dir=None, teacher=None,
+                       eval_episodes=10, progress=True) -> dict:
+    """Train a PPO teacher (or load `teacher`, a checkpoint path), pick the checkpoint whose stochastic
+    return is closest to the medium target, and write `transitions` of its stochastic rollouts to `out`."""
+    task = tasks.TASKS[task_name]
+    spec = TEACHERS[task_name]
+    out = out or task.default_dataset
+    target = float(target_return or spec.target)
+    teacher_steps = int(teacher_steps or spec.max_steps)
+    if transitions < 1 or teacher_steps < 1 or ckpt_every < 1 or eval_episodes < 1:
+        raise tasks.TaskError("--transitions, --teacher-steps, --ckpt-every and --eval-episodes must be >= 1")
+    if teacher is not None and not Path(teacher).is_file():
+        raise tasks.TaskError(f"{teacher}: teacher checkpoint not found")
+    if teacher is not None and (other := torch.load(teacher, map_location="cpu", weights_only=True)["task"]) != task_name:
+        raise tasks.TaskError(f"{teacher}: a {other} teacher, not {task_name}")
+    t0 = time.time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small MLPs: one thread is fastest and leaves the other core free
+    try:
+        scores = {}  # checkpoint path -> (step, stochastic return)
+
+        def score(path, step):
+            """Stochastic return of a checkpoint; True (stop training) if it is within tolerance of the
+            target. A hit is confirmed on 2x more fresh episodes (pooled mean), since stopping at the
+            first lucky 10-episode estimate would overrate the teacher (walker2d: std ~900 per episode)."""
+            agent = load_teacher(path, task)
+            ret = rollout(agent, task, seed + 10_000, episodes=eval_episodes)["returns"]
+            hit = abs(ret.mean() - target) <= TARGET_TOL * target
+            if hit:
+                ret = np.r_[ret, rollout(agent, task, seed + 15_000, episodes=2 * eval_episodes)["returns"]]
+                hit = abs(ret.mean() - target) <= TARGET_TOL * target
+            scores[path] = (step, float(ret.mean()))
+            if progress:
+                tqdm.write(f"  checkpoint {step:>8d} steps: stochastic return {ret.mean():7.1f} +- {ret.std():5.1f} "
+                           f"over {len(ret)} episodes (target {target:.0f}{', hit' if hit else ''})")
+            return hit
+
+        if teacher is None:
+            teacher_dir = teacher_dir or f"runs/teacher/{task_name}_seed{seed}"
+            train_teacher(task, teacher_steps, seed, teacher_dir, ckpt_every, score, progress=progress)
+            teacher = min(scores, key=lambda p: abs(scores[p][1] - target))
+        else:
+            score(teacher, int(torch.load(teacher, map_location="cpu", weights_only=True)["step"]))
+        teacher_minutes = (time.time() - t0) / 60
+        step, _ = scores[teacher]
+        agent = load_teacher(teacher, task)
+        stoch = rollout(agent, task, seed + 20_000, episodes=eval_episodes)["returns"]
+        det = rollout(agent, task, seed + 20_000, stochastic=False, episodes=eval_episodes)["returns"]
+        res = rollout(agent, task, seed + 30_000, transitions=transitions, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    import gymnasium
+    import mujoco
+
+    data, ret = res["data"], res["returns"]
+    metadata = {"task": task_name, "env_id": task.env_id, "seed": seed, "policy": "PPO teacher (collect_demos.py)",
+                "teacher_checkpoint": str(teacher), "teacher_steps": step, "target_return": target,
+                "teacher_return_stochastic": float(stoch.mean()), "teacher_return_deterministic": float(det.mean()),
+                "actions": "sampled from the Gaussian policy, clipped to the action space (as executed)",
+                "gymnasium_version": gymnasium.__version__, "mujoco_version": mujoco.__version__}
+    write_d4rl_hdf5(out, data, metadata)
+    stats = ret if len(ret) else np.zeros(1)
+    return {
+        "task": task_name, "out": str(out), "seed": seed, "teacher_checkpoint": str(teacher),
+        "teacher_steps": step, "teacher_minutes": teacher_minutes, "target_return": target,
+        "checkpoints": {int(s): round(r, 1) for s, r in sorted(scores.values())},  # step -> stochastic return
+        "teacher_return_stochastic": float(stoch.mean()), "teacher_return_stochastic_std": float(stoch.std()),
+        "teacher_return_deterministic": float(det.mean()), "transitions": int(len(data["actions"])),
+        "episodes": int(len(ret)), "tail_length": int(res["tail_length"]),
+        "return_mean": float(stats.mean()), "return_std": float(stats.std()),
+        "return_min": float(stats.min()), "return_max": float(stats.max()),
+        "mean_length": float(res["lengths"].mean()) if len(ret) else 0.0,
+        "terminals": int(data["terminals"].sum()), "timeouts": int(data["timeouts"].sum()),
+        "file_size_mb": os.path.getsize(out) / 2**20, "minutes": (time.time() - t0) / 60,
+    }
+
+
+# What makes each task's data: arm tasks register an episode runner (run by the worker pool), locomotion
+# tasks the PPO-teacher pipeline (collect() dispatches on TEACHERS). pretrain.py checks membership here.
+RUNNERS = {"lift": run_arm_episode, "can": run_arm_episode, "square": run_arm_episode,
+           **{name: collect_locomotion for name in TEACHERS}}
 EPISODE_STEPS = {"lift": 200, "can": 400, "square": 400}  # scripted-episode caps (steps)
 
 
@@ -526,31 +855,45 @@ def _run_workers(jobs, handle):
 
 def _write(out, episodes, env_args, keep_failures):
     """Write via tasks.write_robomimic_hdf5 (atomic). With failures kept, also add mask/successful and
-    mask/failed, still atomically: write to a side file, add the masks, then rename."""
+    mask/failed, still atomically: write to a side file, add the masks, then rename. A failed write
+    leaves `out` as it was and removes its temporary files."""
     eps = [{k: v for k, v in ep.items() if k != "success"} for ep in episodes]
-    if not keep_failures:
-        tasks.write_robomimic_hdf5(out, eps, env_args=env_args, compress_images=True)
-        return
-    import h5py
-
     side = str(out) + ".masks.tmp"
-    tasks.write_robomimic_hdf5(side, eps, env_args=env_args, compress_images=True)
-    with h5py.File(side, "a") as f:
-        for name, want in (("successful", True), ("failed", False)):
-            names = [f"demo_{i}" for i, ep in enumerate(episodes) if ep["success"] == want]
-            f.create_dataset(f"mask/{name}", data=np.array(names, dtype="S"))
-    os.replace(side, out)
+    try:
+        if not keep_failures:
+            tasks.write_robomimic_hdf5(out, eps, env_args=env_args, compress_images=True)
+            return
+        tasks.write_robomimic_hdf5(side, eps, env_args=env_args, compress_images=True)
+        with h5py.File(side, "a") as f:
+            for name, want in (("successful", True), ("failed", False)):
+                names = [f"demo_{i}" for i, ep in enumerate(episodes) if ep["success"] == want]
+                f.create_dataset(f"mask/{name}", data=np.array(names, dtype="S"))
+        os.replace(side, out)
+    except BaseException:
+        for tmp in (str(out) + ".tmp", side, side + ".tmp"):  # write_robomimic_hdf5 writes path + ".tmp"
+            Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def collect(task_name, episodes, images=False, out=None, workers=2, seed=0, noise=0.05,
-            keep_failures=False, max_attempts=None, progress=True) -> dict:
+def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, noise=0.05,
+            keep_failures=False, max_attempts=None, progress=True, **teacher_kwargs) -> dict:
     """Collect `episodes` successful scripted demos of `task_name` and write them to `out`.
 
     Worker w (seed + 1000*w) collects a fixed share of the episodes; results are merged in
     worker order, so the file is deterministic for (seed, workers). Returns a summary dict.
+
+    Locomotion tasks (TEACHERS) go to collect_locomotion(task_name, out, seed, **teacher_kwargs) instead:
+    their size is set by `transitions` (default 200k, like a D4RL file cut to a fifth), so `episodes`
+    (pretrain.py passes --demos) is ignored there; noise/workers/keep_failures/max_attempts too.
     """
     if task_name not in RUNNERS:
-        raise tasks.TaskError(f"no scripted expert for task {task_name!r}; have {', '.join(sorted(RUNNERS))}")
+        raise tasks.TaskError(f"no demo maker for task {task_name!r}; have {', '.join(sorted(RUNNERS))}")
+    if task_name in TEACHERS:
+        if images:
+            raise tasks.TaskError(f"task {task_name} is state-only: drop --images")
+        return collect_locomotion(task_name, out=out, seed=seed, progress=progress, **teacher_kwargs)
+    if teacher_kwargs:
+        raise TypeError(f"{', '.join(teacher_kwargs)}: only for locomotion tasks ({', '.join(TEACHERS)})")
     if episodes < 1:
         raise tasks.TaskError(f"--episodes must be >= 1, got {episodes}")
     task = tasks.TASKS[task_name]
@@ -566,8 +909,6 @@ def collect(task_name, episodes, images=False, out=None, workers=2, seed=0, nois
     stats = [None] * workers
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=episodes, desc=f"{task_name} demos", unit="ep", dynamic_ncols=True)
     n_att = [0]
 
@@ -628,7 +969,8 @@ def collect(task_name, episodes, images=False, out=None, workers=2, seed=0, nois
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=sorted(RUNNERS), required=True, help="task to collect demos for")
-    p.add_argument("--episodes", type=int, default=100, help="number of successful demos wanted")
+    p.add_argument("--episodes", type=int, default=100,
+                   help="number of successful demos wanted (arm tasks; locomotion uses --transitions)")
     p.add_argument("--images", action="store_true", help="also record 96x96 camera images of the task's cameras")
     p.add_argument("--out", default=None, help="output hdf5 path (default: the task's default_dataset)")
     p.add_argument("--workers", type=int, default=2, help="parallel collection processes (one per core)")
@@ -636,13 +978,37 @@ def main():
     p.add_argument("--noise", type=float, default=0.05, help="std of Gaussian action noise (x0.3 on rotation)")
     p.add_argument("--keep-failures", action="store_true", help="also write failed episodes")
     p.add_argument("--max-attempts", type=int, default=None, help="cap on attempts (default 2*episodes+20)")
+    g = p.add_argument_group(f"locomotion teacher ({', '.join(TEACHERS)})")
+    g.add_argument("--transitions", type=int, default=200_000, help="transitions in the dataset (default 200000)")
+    g.add_argument("--teacher-steps", type=int, default=None,
+                   help="max PPO env steps (default per task: " + ", ".join(f"{k} {v.max_steps}" for k, v in TEACHERS.items())
+                   + "); training stops at the first checkpoint within 10%% of the target")
+    g.add_argument("--ckpt-every", type=int, default=25_000, help="env steps between teacher checkpoints")
+    g.add_argument("--target-return", type=float, default=None,
+                   help="stochastic return to aim for (default: " + ", ".join(f"{k} {v.target:.0f}" for k, v in TEACHERS.items()) + ")")
+    g.add_argument("--eval-episodes", type=int, default=10, help="stochastic episodes that score a checkpoint")
+    g.add_argument("--teacher-dir", default=None, help="checkpoint folder (default runs/teacher/<task>_seed<seed>)")
+    g.add_argument("--teacher", default=None, help="use this teacher checkpoint (.pt) instead of training one")
     args = p.parse_args()
+    teacher_kwargs = {}
+    if args.task in TEACHERS:
+        teacher_kwargs = dict(transitions=args.transitions, teacher_steps=args.teacher_steps, ckpt_every=args.ckpt_every,
+                              target_return=args.target_return, eval_episodes=args.eval_episodes,
+                              teacher_dir=args.teacher_dir, teacher=args.teacher)
     try:
         s = collect(args.task, args.episodes, images=args.images, out=args.out, workers=args.workers,
                     seed=args.seed, noise=args.noise, keep_failures=args.keep_failures,
-                    max_attempts=args.max_attempts)
+                    max_attempts=args.max_attempts, **teacher_kwargs)
     except tasks.TaskError as e:
         sys.exit(f"error: {e}")
+    if args.task in TEACHERS:
+        print(f"{s['task']}: teacher {s['teacher_steps']} PPO steps ({s['teacher_minutes']:.1f} min), return "
+              f"stochastic {s['teacher_return_stochastic']:.0f} / deterministic {s['teacher_return_deterministic']:.0f} "
+              f"(target {s['target_return']:.0f}); dataset {s['transitions']} transitions, {s['episodes']} episodes, "
+              f"return {s['return_mean']:.0f} +- {s['return_std']:.0f} [{s['return_min']:.0f}, {s['return_max']:.0f}], "
+              f"{s['file_size_mb']:.1f} MB, {s['minutes']:.1f} min -> {s['out']}")
+        print(json.dumps(s))
+        return
     print(f"{s['task']}: {s['successes']}/{s['attempts']} successful ({100 * s['success_rate']:.1f}%), "
           f"length {s['mean_length']:.1f} [{s['min_length']}-{s['max_length']}], "
           f"{s['minutes']:.2f} min ({s['episodes_per_minute']:.1f} ep/min), "

@@ -72,7 +72,8 @@ def evaluate_policy(policy, task, obs_mode, episodes=100, steps_list=(1,), n_env
     try:
         for k in steps_list:
             t0 = time.time()
-            eps, call_ms = run_episodes(policy, env, episodes, k, seed, f"eval K={k}" if progress else None)
+            with torch.random.fork_rng():   # seed the policy noise without resetting the caller's training RNG
+                eps, call_ms = run_episodes(policy, env, episodes, k, seed, f"eval K={k}" if progress else None)
             succ = sum(e["success"] for e in eps)
             lo, hi = wilson_interval(succ, len(eps))
             returns = np.array([e["return"] for e in eps])

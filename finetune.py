@@ -13,13 +13,22 @@ has an exact log-probability and PPO can train it. K = 1 (the one-step policy of
 Loop (read top to bottom in `main`): load checkpoint -> actor (trained), frozen reference copy (BC), noise net,
 critic -> [rollout n_steps chunks in n_envs envs -> running reward scaling -> GAE over chunk steps -> PPO epochs
 (clipped surrogate + entropy + value + BC-to-pretrained) with KL early stop] x iterations -> CSV, checkpoint, eval.
-The fine-tuned actor is saved as an ordinary MeanFlowPolicy ("model"/"ema"), so evaluate.py --ckpt reads it as is.
+The fine-tuned actor is saved as an ordinary MeanFlowPolicy ("model"/"ema"), so evaluate.py --ckpt reads it as is;
+the noise net, critic, frozen pretrained weights, optimizers and reward statistics ride along for --resume.
+
+Choices where this file departs from, or pins down, the reference (method.md §5):
+  * sigma is bounded by a tanh squash of the log-variance into [log min_std^2, log max_std^2] (ReinFlow's form), not a
+    hard clamp, so a fresh noise net starts mid-range (~0.077) with a gradient instead of stuck at max_std.
+  * The env receives clamp(x_K, -1, 1) but the stored chain keeps x_K unclamped, so the log-probability is exact.
+  * A time-limit truncation bootstraps from V(final observation); a termination does not (GAE cuts the trace at both).
+  * The actor runs in eval mode (no dropout); image tasks are random-shifted once per rollout, as the reference buffer.
+  * Robosuite episodes end at success by default (the evaluation protocol); --no-terminate-on-success is the reference.
+  * CPU-sized defaults (task_defaults): ~10x smaller rollouts per iteration and an actor lr of 1e-5 instead of 3e-6.
 """
 import argparse
 import copy
 import csv
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -343,7 +352,9 @@ def main(argv=None):
             if args.ckpt is None:
                 raise ValueError("pass --ckpt (a pretrained checkpoint) or --out DIR --resume")
             policy, pre = models.load_policy(args.ckpt, device, use_ema=True)
-            task = tasks.get_task(args.task or pre.get("task") or "")
+            if not (args.task or pre.get("task")):
+                raise ValueError(f"{args.ckpt} names no task; pass --task")
+            task = tasks.get_task(args.task or pre["task"])
             for key, val in task_defaults(task, policy.cfg.obs_mode).items():
                 if key == "bc_coef_final" and args.bc_coef is not None:
                     val = args.bc_coef                         # an explicit --bc-coef is constant unless told

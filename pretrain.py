@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="robomimic/D4RL hdf5 or DPPO train.npz (default: the task's own demos)")
     p.add_argument("--download", action="store_true", help="fetch the task's DMPO dataset into data/ and train on it")
     p.add_argument("--demos", type=int, default=100, help="scripted demos to collect when the default dataset is missing")
-    p.add_argument("--loss", default="meanflow", choices=list(models.LOSSES), help="meanflow, improved MeanFlow (imf), or flow matching (ReFlow baseline)")
+    p.add_argument("--loss", default=None, choices=list(models.LOSSES), help="meanflow, improved MeanFlow (imf), or flow matching (ReFlow baseline); default meanflow, imf for gym (as the reference)")
     p.add_argument("--alpha-disp", type=float, default=0.5, help="weight of the dispersive loss (0 = plain MeanFlow)")
     p.add_argument("--disp-loss", default="infonce_l2", choices=list(models.DISP_LOSSES), help="dispersive loss variant")
     p.add_argument("--disp-temp", type=float, default=0.5, help="dispersive loss temperature")
@@ -66,10 +66,12 @@ def parse_args(argv=None):
 
 
 def task_defaults(task, obs):
-    """Reference hyperparameters (method.md sections 1-2): robomimic lr 1e-4 / batch 256, Gym lr 1e-3 / batch 128;
+    """Reference hyperparameters (method.md sections 1-2): robomimic MeanFlow, lr 1e-4, batch 256; Gym improved
+    MeanFlow (the released Gym checkpoints use iMF), lr 1e-3, batch 128;
     state encoders [obs, 64, 16] for hopper/walker2d, [obs, 128, 32] for the larger state spaces."""
     gym = task.suite == "gym"
     return {
+        "loss": "imf" if gym else "meanflow",
         "steps": 100_000 if obs == "image" else 30_000,
         "batch_size": 128 if gym else 256,
         "lr": 1e-3 if gym else 1e-4,
@@ -96,8 +98,12 @@ def find_dataset(args, task):
     if task.name not in collect_demos.RUNNERS:
         raise tasks.TaskError(f"no dataset for {task.name} at {path}: this task has no offline data maker yet; "
                               f"run with --download (needs internet) or pass --dataset PATH to a DPPO/robomimic/D4RL file")
-    print(f"{path} is missing: collecting {args.demos} demos with collect_demos.py "
-          f"(`python collect_demos.py --task {task.name} --episodes {args.demos}{' --images' if args.obs == 'image' else ''}`)")
+    if task.name in collect_demos.TEACHERS:
+        print(f"{path} is missing: training a PPO teacher and rolling out 200k transitions "
+              f"(`python collect_demos.py --task {task.name}`; --demos does not apply)")
+    else:
+        print(f"{path} is missing: collecting {args.demos} demos with collect_demos.py "
+              f"(`python collect_demos.py --task {task.name} --episodes {args.demos}{' --images' if args.obs == 'image' else ''}`)")
     collect_demos.collect(task.name, args.demos, images=args.obs == "image", out=str(path))
     return str(path)
 

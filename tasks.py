@@ -562,7 +562,7 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
         hint = ""
         if path.resolve() == Path(task.default_dataset).resolve():
             hint = (f"; run `python collect_demos.py --task {task.name}` "
-                    f"(add `--download` to fetch the DMPO dataset instead)")
+                    f"(or `python pretrain.py --task {task.name} --download` to fetch the DMPO dataset)")
         raise TaskError(f"{path}: file not found{hint}")
     try:
         if path.is_dir():

@@ -1,0 +1,316 @@
+"""Tests for collect_demos.py: scripted robosuite experts (robomimic layout) and the locomotion PPO
+teacher (D4RL layout).
+
+Run: python -m pytest -q test_demos.py   (about a minute on 2 cores; the image test needs EGL or OSMesa)
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import collect_demos
+import tasks
+from collect_demos import collect
+
+# Choose MUJOCO_GL before anything imports mujoco (robosuite would otherwise pick one for the image test).
+tasks.setup_rendering()
+torch.set_num_threads(1)
+HERE = Path(__file__).resolve().parent
+
+
+def read_demos(path):
+    """{demo name: {"actions", "states", "obs": {key: array}}} in file order."""
+    with h5py.File(path, "r") as f:
+        names = sorted(f["data"], key=lambda n: int(n.split("_")[1]))
+        return {n: {"actions": f[f"data/{n}/actions"][:], "states": f[f"data/{n}/states"][:],
+                    "obs": {k: v[:] for k, v in f[f"data/{n}/obs"].items()}} for n in names}
+
+
+@pytest.fixture(scope="module")
+def lift2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lift") / "lift.hdf5"
+    summary = collect("lift", 2, out=str(out), workers=1, seed=0, progress=False)
+    return summary, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Scripted arm experts (robomimic layout)
+# ----------------------------------------------------------------------------------------------
+def test_lift_collect_and_load(lift2):
+    summary, out = lift2
+    assert summary["successes"] == 2 and summary["attempts"] == 2 and summary["success_rate"] == 1.0
+    assert summary["episodes_written"] == 2 and summary["out"] == str(out)
+    ds = tasks.load_dataset(out, "lift")
+    assert len(ds.episode_lengths) == 2
+    assert ds.states.shape == (ds.episode_lengths.sum(), 19) and ds.actions.shape[1] == 7
+    assert np.abs(ds.actions).max() <= 1.0
+    assert summary["min_length"] == ds.episode_lengths.min() and summary["max_length"] == ds.episode_lengths.max()
+
+
+def test_determinism_and_worker_order(lift2, tmp_path):
+    _, out = lift2
+    first = read_demos(out)
+    collect("lift", 2, out=str(tmp_path / "again.hdf5"), workers=1, seed=0, progress=False)
+    again = read_demos(tmp_path / "again.hdf5")
+    assert list(again) == list(first)
+    for name in first:
+        np.testing.assert_array_equal(again[name]["actions"], first[name]["actions"])
+        np.testing.assert_array_equal(again[name]["states"], first[name]["states"])
+    # workers=2: worker w runs seed + 1000*w and the demos are merged in worker order, so demo_0 is the
+    # first seed-0 episode and demo_1 the first seed-1000 episode.
+    s = collect("lift", 2, out=str(tmp_path / "w2.hdf5"), workers=2, seed=0, progress=False)
+    assert s["workers"] == 2 and s["successes"] == 2
+    w2 = read_demos(tmp_path / "w2.hdf5")
+    assert list(w2) == ["demo_0", "demo_1"]
+    collect("lift", 1, out=str(tmp_path / "s1000.hdf5"), workers=1, seed=1000, progress=False)
+    s1000 = read_demos(tmp_path / "s1000.hdf5")
+    np.testing.assert_array_equal(w2["demo_0"]["actions"], first["demo_0"]["actions"])
+    np.testing.assert_array_equal(w2["demo_1"]["actions"], s1000["demo_0"]["actions"])
+    assert not np.array_equal(w2["demo_1"]["actions"][:5], first["demo_1"]["actions"][:5])
+
+
+def test_robomimic_layout(lift2):
+    _, out = lift2
+    with h5py.File(out, "r") as f:
+        env_args = json.loads(f["data"].attrs["env_args"])
+        assert env_args["type"] == 1 and env_args["env_name"] == "Lift"
+        assert env_args["env_kwargs"]["controller_configs"]["body_parts"]["right"]["type"] == "OSC_POSE"
+        names = sorted(f["data"])
+        total = 0
+        for n in names:
+            g = f[f"data/{n}"]
+            assert g.attrs["num_samples"] == len(g["actions"]) == len(g["states"]) == len(g["obs/object"])
+            assert g["dones"][-1] == 1 and g["rewards"][:].sum() >= 1
+            assert "<mujoco" in g.attrs["model_file"]
+            total += g.attrs["num_samples"]
+        assert f["data"].attrs["total"] == total
+        masks = [m.decode() for key in ("train", "valid") for m in f[f"mask/{key}"][:]]
+        assert sorted(masks) == names
+
+
+def test_states_reproduce_observations(lift2):
+    """Each stored sim state, loaded into a fresh env, gives the stored observations."""
+    _, out = lift2
+    demos = read_demos(out)
+    env = tasks.make_env("lift", seed=0)
+    env.reset()
+    sim_env = env.sim_env
+    checked = 0
+    for demo in demos.values():
+        T = len(demo["actions"])
+        for t in sorted({0, T // 2, T - 1}):
+            sim_env.sim.set_state_from_flattened(demo["states"][t])
+            sim_env.sim.forward()
+            raw = sim_env._get_observations(force_update=True)
+            np.testing.assert_allclose(raw["robot0_eef_pos"], demo["obs"]["robot0_eef_pos"][t], atol=1e-3)
+            np.testing.assert_allclose(raw["object-state"], demo["obs"]["object"][t], atol=1e-3)
+            checked += 1
+    env.close()
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("task", ["can", "square"])
+def test_can_and_square_succeed(task, tmp_path):
+    out = tmp_path / f"{task}.hdf5"
+    s = collect(task, 1, out=str(out), workers=1, seed=0, progress=False)
+    assert s["successes"] == 1 and s["episodes_written"] == 1
+    ds = tasks.load_dataset(out, task)
+    assert ds.states.shape[1] == 23 and len(ds.episode_lengths) == 1
+    # the last stored state (a few steps past the first success) still counts as a success
+    states = read_demos(out)["demo_0"]["states"]
+    env = tasks.make_env(task, seed=0)
+    env.reset()
+    env.sim_env.sim.set_state_from_flattened(states[-1])
+    env.sim_env.sim.forward()
+    assert env.sim_env._check_success()
+    env.sim_env.sim.set_state_from_flattened(states[0])
+    env.sim_env.sim.forward()
+    assert not env.sim_env._check_success()
+    env.close()
+
+
+def test_image_demos(tmp_path):
+    out = tmp_path / "lift_img.hdf5"
+    s = collect("lift", 1, images=True, out=str(out), workers=1, seed=0, progress=False)
+    assert s["images"] and s["successes"] == 1
+    with h5py.File(out, "r") as f:
+        img = f["data/demo_0/obs/robot0_eye_in_hand_image"]
+        T = len(f["data/demo_0/actions"])
+        assert img.shape == (T, 96, 96, 3) and img.dtype == np.uint8 and img.compression == "gzip"
+        assert img[:].std() > 5  # a real picture, not a blank frame
+    ds = tasks.load_dataset(out, "lift", obs_mode="image")
+    assert ds.images.shape == (T, 3, 96, 96) and ds.states.shape == (T, 9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "kitchen"], "argument --task: invalid choice: 'kitchen'"),
+    (["--task", "lift", "--episodes", "0"], "error: --episodes must be >= 1, got 0"),
+    (["--task", "hopper", "--images"], "error: task hopper is state-only: drop --images"),
+])
+def test_cli_errors(argv, message, tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "collect_demos.py"), *argv, "--out", str(tmp_path / "x.hdf5")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert message in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x.hdf5").exists()
+
+
+def _failing_create_dataset(monkeypatch, fail_on):
+    """Make h5py's create_dataset raise once a dataset named like `fail_on` is written (mid-file)."""
+    real, calls = h5py.Group.create_dataset, []
+
+    def create_dataset(self, name, *args, **kwargs):
+        calls.append(name)
+        if fail_on in name:
+            raise OSError("disk full (test)")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    return calls
+
+
+def test_atomic_write_arm(tmp_path, monkeypatch):
+    out = tmp_path / "lift.hdf5"
+    calls = _failing_create_dataset(monkeypatch, "obs/object")
+    with pytest.raises(OSError, match="disk full"):
+        collect("lift", 1, out=str(out), workers=1, seed=0, progress=False)
+    assert any("actions" in c for c in calls)  # the failure came mid-write
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+# ----------------------------------------------------------------------------------------------
+# Locomotion PPO teacher (D4RL layout)
+# ----------------------------------------------------------------------------------------------
+TINY = dict(teacher_steps=4096, ckpt_every=2048, transitions=2000, eval_episodes=2)
+
+
+@pytest.fixture(scope="module")
+def hopper_tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hopper")
+    out = root / "medium.hdf5"
+    # called like pretrain.py does (episodes = --demos, ignored for locomotion)
+    s = collect("hopper", 100, out=str(out), seed=0, teacher_dir=str(root / "ckpt"), progress=False, **TINY)
+    return s, out, root
+
+
+def replay(task, seed, data):
+    """Step a fresh env (same seed, same reset stream as the rollout) with the stored actions; return the
+    env's own observations, rewards, terminations and truncations."""
+    env = tasks.make_env(task, seed=seed)
+    obs = env.reset()["state"]
+    got = {"observations": [], "rewards": [], "terminated": [], "truncated": []}
+    for a in data["actions"]:
+        got["observations"].append(obs)
+        obs, r, term, trunc, _ = env.step(a)
+        obs = obs["state"]
+        got["rewards"].append(r)
+        got["terminated"].append(term)
+        got["truncated"].append(trunc)
+        if term or trunc:
+            obs = env.reset()["state"]
+    env.close()
+    return {k: np.array(v) for k, v in got.items()}
+
+
+def read_d4rl(path):
+    with h5py.File(path, "r") as f:
+        return {k: f[k][:] for k in f if k != "metadata"}, dict(f["metadata"].attrs)
+
+
+def test_hopper_teacher_dataset(hopper_tiny):
+    s, out, root = hopper_tiny
+    data, meta = read_d4rl(out)
+    assert set(data) == {"observations", "actions", "rewards", "terminals", "timeouts"}
+    assert data["observations"].dtype == data["actions"].dtype == data["rewards"].dtype == np.float32
+    assert data["terminals"].dtype == data["timeouts"].dtype == bool
+    assert data["observations"].shape == (2000, 11) and data["actions"].shape == (2000, 3)
+    # executed actions: the Gaussian samples clipped to the action space (a young policy hits the bounds)
+    assert np.abs(data["actions"]).max() == 1.0 and (np.abs(data["actions"]) == 1.0).mean() > 0.01
+    # the file is exactly what the env did: raw observations, terminals only on true terminations,
+    # timeouts only on truncations and on the last (unfinished) transition
+    env_seed = 0 + 30_000
+    ref = replay("hopper", env_seed, data)
+    np.testing.assert_array_equal(data["observations"], ref["observations"])
+    np.testing.assert_allclose(data["rewards"], ref["rewards"], rtol=1e-6)
+    np.testing.assert_array_equal(data["terminals"], ref["terminated"])
+    want_timeouts = ref["truncated"] & ~ref["terminated"]
+    want_timeouts[-1] |= not (ref["terminated"][-1] or ref["truncated"][-1])
+    np.testing.assert_array_equal(data["timeouts"], want_timeouts)
+    assert data["terminals"].sum() > 10 and not (data["terminals"] & data["timeouts"]).any()
+    # loads as a D4RL file; episodes split at terminals/timeouts
+    ds = tasks.load_dataset(out, "hopper")
+    assert len(ds) == 2000 and ds.episode_lengths.sum() == 2000
+    assert len(ds.episode_lengths) == data["terminals"].sum() + data["timeouts"].sum()
+    # summary and metadata
+    assert s["transitions"] == 2000 and s["episodes"] == data["terminals"].sum() + data["timeouts"][:-1].sum()
+    assert s["tail_length"] == ds.episode_lengths[-1] and data["timeouts"][-1]
+    assert s["return_min"] <= s["return_mean"] <= s["return_max"] and s["file_size_mb"] > 0
+    assert meta["seed"] == 0 and meta["env_id"] == "Hopper-v5" and meta["teacher_steps"] == s["teacher_steps"]
+    assert np.isfinite([meta["teacher_return_stochastic"], meta["teacher_return_deterministic"]]).all()
+
+
+def test_hopper_teacher_checkpoints_and_choice(hopper_tiny):
+    s, _, root = hopper_tiny
+    ckpts = sorted((root / "ckpt").glob("step_*.pt"))
+    assert [p.name for p in ckpts] == ["step_0002048.pt", "step_0004096.pt"]
+    assert set(s["checkpoints"]) == {2048, 4096}
+    target = s["target_return"]
+    assert s["teacher_steps"] == min(s["checkpoints"], key=lambda k: abs(s["checkpoints"][k] - target))
+    sd = torch.load(ckpts[-1], weights_only=True)["agent"]
+    assert not torch.allclose(sd["obs_var"], torch.ones_like(sd["obs_var"]))  # normalisation stats saved
+    assert not torch.allclose(sd["obs_mean"], torch.zeros_like(sd["obs_mean"]))
+
+
+def test_hopper_teacher_is_deterministic_and_stops_at_target(hopper_tiny, tmp_path, monkeypatch):
+    """Same seed -> the same checkpoint weights; a checkpoint within tolerance stops training there."""
+    _, _, root = hopper_tiny
+    monkeypatch.setattr(collect_demos, "TARGET_TOL", 100.0)  # every score is a (confirmed) hit
+    s2 = collect("hopper", out=str(tmp_path / "h.hdf5"), seed=0, teacher_dir=str(tmp_path / "ckpt"),
+                 progress=False, **{**TINY, "teacher_steps": 6144, "transitions": 200})
+    assert list(s2["checkpoints"]) == [2048] and s2["teacher_steps"] == 2048
+    assert [p.name for p in (tmp_path / "ckpt").glob("*.pt")] == ["step_0002048.pt"]
+    a = torch.load(tmp_path / "ckpt" / "step_0002048.pt", weights_only=True)["agent"]
+    b = torch.load(root / "ckpt" / "step_0002048.pt", weights_only=True)["agent"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rollout_marks_truncations_as_timeouts(hopper_tiny):
+    """With a 15-step limit: episodes that reach it end in a timeout, never a terminal."""
+    _, _, root = hopper_tiny
+    short = dataclasses.replace(tasks.TASKS["hopper"], max_episode_steps=15)
+    agent = collect_demos.load_teacher(root / "ckpt" / "step_0004096.pt", short)
+    data = collect_demos.rollout(agent, short, seed=5, transitions=300)["data"]
+    ref = replay(short, 5, data)
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+    assert data["timeouts"][:-1].sum() >= 5 and np.diff(np.r_[-1, ends]).max() <= 15
+    np.testing.assert_array_equal(data["terminals"], ref["terminated"])
+    np.testing.assert_array_equal(data["timeouts"][:-1], (ref["truncated"] & ~ref["terminated"])[:-1])
+    assert data["timeouts"][-1]
+
+
+def test_reuse_teacher_and_atomic_write(hopper_tiny, tmp_path, monkeypatch):
+    _, _, root = hopper_tiny
+    ckpt = root / "ckpt" / "step_0002048.pt"
+    out = tmp_path / "medium.hdf5"
+    out.write_bytes(b"old dataset")
+    calls = _failing_create_dataset(monkeypatch, "rewards")
+    with pytest.raises(OSError, match="disk full"):
+        collect("hopper", out=str(out), teacher=str(ckpt), transitions=300, eval_episodes=1, progress=False)
+    assert "observations" in calls and out.read_bytes() == b"old dataset"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["medium.hdf5"]
+    monkeypatch.undo()
+    s = collect("hopper", out=str(out), teacher=str(ckpt), transitions=300, eval_episodes=1, progress=False)
+    assert s["teacher_steps"] == 2048 and s["teacher_checkpoint"] == str(ckpt) and s["transitions"] == 300
+    assert len(tasks.load_dataset(out, "hopper")) == 300
+    with pytest.raises(tasks.TaskError, match="not found"):
+        collect("hopper", out=str(out), teacher=str(tmp_path / "nope.pt"), progress=False)
+    with pytest.raises(tasks.TaskError, match="a hopper teacher, not walker2d"):
+        collect("walker2d", out=str(out), teacher=str(ckpt), progress=False)
