@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -193,6 +194,7 @@ class RobosuiteEnv:
         if obs_mode == "image" or render_video:
             setup_rendering()
         import robosuite
+        logging.getLogger("robosuite_logs").setLevel(logging.WARNING)  # one INFO line per env otherwise
 
         self.max_episode_steps = max_episode_steps or task.max_episode_steps
         self.terminate_on_success = terminate_on_success
