@@ -51,6 +51,7 @@ from torch.distributions import Normal
 from tqdm import tqdm
 
 import tasks
+from finetune import RewardScaler, RunningMeanStd
 
 # ----------------------------------------------------------------------------- geometry
 POS_SCALE = 0.05  # metres per unit of position action (OSC_POSE output_max)
@@ -473,20 +474,6 @@ TARGET_TOL = 0.1  # stop training at the first checkpoint whose stochastic retur
 GAMMA_ENV = 0.99  # PPO's per-step discount (tasks' gamma is per action chunk)
 
 
-class RunningMeanStd:
-    """Running mean/variance of batches (parallel Welford), as in gymnasium's Normalize* wrappers."""
-
-    def __init__(self, shape=()):
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
-
-    def update(self, x: np.ndarray):
-        b_mean, b_var, n = x.mean(0), x.var(0), len(x)
-        delta, total = b_mean - self.mean, self.count + n
-        self.mean = self.mean + delta * n / total
-        self.var = (self.var * self.count + b_var * n + delta ** 2 * self.count * n / total) / total
-        self.count = total
-
-
 def _layer(n_in: int, n_out: int, std: float = np.sqrt(2)) -> nn.Linear:
     layer = nn.Linear(n_in, n_out)
     nn.init.orthogonal_(layer.weight, std)
@@ -541,7 +528,7 @@ def train_teacher(task, total_steps: int, seed: int, ckpt_dir, ckpt_every: int, 
     envs = [tasks.make_env(task, seed=seed + i) for i in range(n_envs)]
     agent = TeacherAgent(task.obs_dim, task.act_dim)
     opt = torch.optim.Adam(agent.parameters(), lr=lr, eps=1e-5, foreach=True)
-    obs_rms, ret_rms = RunningMeanStd(task.obs_dim), RunningMeanStd()
+    obs_rms, reward_scaler = RunningMeanStd(task.obs_dim), RewardScaler(n_envs, gamma)
     obs = np.stack([env.reset()["state"] for env in envs]).astype(np.float64)
     obs_rms.update(obs)
 
@@ -551,7 +538,7 @@ def train_teacher(task, total_steps: int, seed: int, ckpt_dir, ckpt_every: int, 
     buf_obs = np.zeros((n_steps, n_envs, task.obs_dim), np.float32)
     buf_act = np.zeros((n_steps, n_envs, task.act_dim), np.float32)
     buf_logp, buf_val, buf_rew, buf_done = (np.zeros((n_steps, n_envs), np.float32) for _ in range(4))
-    disc_ret, ep_ret, recent = np.zeros(n_envs), np.zeros(n_envs), deque(maxlen=20)
+    ep_ret, recent = np.zeros(n_envs), deque(maxlen=20)
     n_updates = -(-total_steps // (n_envs * n_steps))
     step, next_ckpt, saved = 0, ckpt_every, []
     bar = tqdm(total=n_updates * n_envs * n_steps, desc=f"{task.name} PPO teacher", unit="step",
@@ -580,10 +567,7 @@ def train_teacher(task, total_steps: int, seed: int, ckpt_dir, ckpt_every: int, 
                     o = env.reset()["state"]
                 obs[i] = o
             obs_rms.update(obs)
-            disc_ret = disc_ret * gamma + rew  # reward scaling: divide by the std of the discounted return
-            ret_rms.update(disc_ret)
-            buf_rew[t] = np.clip(rew / np.sqrt(ret_rms.var + 1e-8), -10, 10)
-            disc_ret[done] = 0.0
+            buf_rew[t] = reward_scaler(rew, done)  # divide by the std of the running discounted return
             if final:
                 with torch.no_grad():
                     v = agent.critic(torch.from_numpy(norm(np.stack(list(final.values()))))).squeeze(-1)

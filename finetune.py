@@ -175,29 +175,23 @@ class NoiseNet(nn.Module):
         return torch.exp(0.5 * logvar).view_as(x)
 
 
-def chain_times(policy, k, device):
-    """(t_i, t_{i+1}, r_i) for i = 0..K-1 with t = linspace(1, 0, K+1): the step goes from t_i to t_{i+1}, and the
-    network's r input is t_{i+1} (MeanFlow) or t_i (flow matching), exactly as MeanFlowPolicy.sample."""
+def chain_times(k, device):
+    """(t_i, t_{i+1}) for i = 0..K-1 with t = linspace(1, 0, K+1), the grid of MeanFlowPolicy.sample; each
+    deterministic step is policy.denoise_step (method.md §5: mu_i = clamp(x_i - (t_i - t_{i+1}) u, -1, 1))."""
     ts = torch.linspace(1.0, 0.0, k + 1, device=device)
-    t, t_next = ts[:-1], ts[1:]
-    return t, t_next, (t if policy.cfg.loss == "flow" else t_next)
-
-
-def chain_means(policy, x, cond, t, t_next, r):
-    """Deterministic part of one denoising step, mu = clamp(x - (t - t_next) u(x, r, t | s), -1, 1) (method.md §5)."""
-    return (x - (t - t_next)[:, None, None] * policy.velocity(x, r, t, cond)).clamp(-1, 1)
+    return ts[:-1], ts[1:]
 
 
 def sample_chain(policy, noise_net, cond, k, noise_clip=3.0):
     """Roll the noisy chain: returns chain (B, K+1, Ta, Da) = [x_0, ..., x_K] (x_K unclamped; the env gets
     clamp(x_K, -1, 1), a fixed post-processing that does not enter the log-probability)."""
     b, cfg = cond.shape[0], policy.cfg
-    ts, tn, rs = chain_times(policy, k, cond.device)
+    ts, tn = chain_times(k, cond.device)
     x = torch.randn(b, cfg.chunk, cfg.act_dim, device=cond.device)
     chain = [x]
     for i in range(k):
         t = ts[i].expand(b)
-        mu = chain_means(policy, x, cond, t, tn[i].expand(b), rs[i].expand(b))
+        mu = policy.denoise_step(x, t, tn[i].expand(b), cond)
         std = noise_net(x, cond, t)
         x = mu + std * torch.randn_like(mu).clamp(-noise_clip, noise_clip)
         chain.append(x)
@@ -213,11 +207,11 @@ def chain_log_prob(policy, noise_net, cond, chain):
     batched network call (teacher forcing on the stored x_i). Also returns the chain entropy (sum over dims) and the
     stds (B, K, Ta, Da)."""
     b, k = chain.shape[0], chain.shape[1] - 1
-    ts, tn, rs = chain_times(policy, k, chain.device)
+    ts, tn = chain_times(k, chain.device)
     x_in = chain[:, :-1].flatten(0, 1)                              # (B*K, Ta, Da), row order (b, i)
     cond_k = cond.repeat_interleave(k, dim=0)
     t = ts.repeat(b)
-    mu = chain_means(policy, x_in, cond_k, t, tn.repeat(b), rs.repeat(b)).view_as(chain[:, 1:])
+    mu = policy.denoise_step(x_in, t, tn.repeat(b), cond_k).view_as(chain[:, 1:])
     std = noise_net(x_in, cond_k, t).view_as(chain[:, 1:])
     x0 = chain[:, 0]
     lp0 = (-0.5 * x0.pow(2) - LOG_SQRT_2PI).flatten(1).sum(1)
@@ -296,29 +290,41 @@ class ImageCritic(nn.Module):
 
 # ----------------------------------------------------------------------------- running reward scaling
 
+class RunningMeanStd:
+    """Running mean/variance of batches (the parallel update of Chan et al.), as in gymnasium's Normalize* wrappers.
+    Also normalizes the observations of collect_demos.py's PPO teacher."""
+
+    def __init__(self, shape=()):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+
+    def update(self, x):
+        b_mean, b_var, n = x.mean(0), x.var(0), len(x)
+        delta, total = b_mean - self.mean, self.count + n
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + b_var * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+
 class RewardScaler:
     """r / std(running discounted return), clipped to +-10 (method.md §5, F:util/reward_scaling.py). Vectorized over
-    envs; the discounted return of an env restarts after its episode ends."""
+    envs; the discounted return of an env restarts after its episode ends. Shared with collect_demos.py's teacher."""
 
     def __init__(self, n_envs, gamma, clip=10.0):
         self.gamma, self.clip = gamma, clip
         self.ret = np.zeros(n_envs)
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+        self.rms = RunningMeanStd()
 
     def __call__(self, reward, done):
         self.ret = self.ret * self.gamma + reward
-        b_mean, b_var, b = float(self.ret.mean()), float(self.ret.var()), len(self.ret)
-        delta, tot = b_mean - self.mean, self.count + b          # parallel (Chan et al.) mean/variance update
-        self.var = (self.var * self.count + b_var * b + delta ** 2 * self.count * b / tot) / tot
-        self.mean, self.count = self.mean + delta * b / tot, tot
+        self.rms.update(self.ret)
         self.ret[done] = 0.0
-        return np.clip(reward / math.sqrt(self.var + 1e-8), -self.clip, self.clip)
+        return np.clip(reward / math.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
 
     def state_dict(self):
-        return {"mean": self.mean, "var": self.var, "count": self.count}
+        return {"mean": float(self.rms.mean), "var": float(self.rms.var), "count": float(self.rms.count)}
 
     def load_state_dict(self, d):
-        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
+        self.rms.mean, self.rms.var, self.rms.count = float(d["mean"]), float(d["var"]), float(d["count"])
 
 
 CSV_COLS = ["iteration", "env_steps", "wall_s", "episodes", "success_rate", "return_mean", "length_mean",

@@ -376,10 +376,15 @@ class MeanFlowPolicy(nn.Module):
         z = noise if noise is not None else torch.randn(b, self.cfg.chunk, self.cfg.act_dim, device=cond.device)
         ts = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
         for i in range(steps):
-            t = ts[i].expand(b)
-            r = t if self.cfg.loss == "flow" else ts[i + 1].expand(b)
-            z = (z - (ts[i] - ts[i + 1]) * self.velocity(z, r, t, cond)).clamp(-1, 1)
+            z = self.denoise_step(z, ts[i].expand(b), ts[i + 1].expand(b), cond)
         return z
+
+    def denoise_step(self, z, t, t_next, cond):
+        """One jump from t to t_next < t (both (B,)): clamp(z - (t - t_next) u(z, r, t), -1, 1) with r = t_next
+        (MeanFlow's average velocity) or r = t (flow matching's instantaneous velocity, i.e. an Euler step).
+        The one step rule shared by sampling and by finetune.py's noise-injected chain."""
+        r = t if self.cfg.loss == "flow" else t_next
+        return (z - (t - t_next)[:, None, None] * self.velocity(z, r, t, cond)).clamp(-1, 1)
 
     @torch.inference_mode()
     def act(self, obs, steps=None, noise=None):

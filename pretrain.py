@@ -243,11 +243,13 @@ def main(argv=None):
     with open(csv_path) as f:
         final = list(csv.DictReader(f))[-1]
     msg = f"done: {step} steps in {(time.time() - wall0) / 60:.1f} min, final loss {float(final['loss_flow']):.4f}"
-    if final.get("success_rate") and task.suite == "gym":    # locomotion has no success flag: report the return
-        msg += f", {final['eval_steps']}-step return {float(final['return_mean']):.1f} over {final['eval_episodes']} episodes"
-    elif final.get("success_rate"):
-        msg += (f", {final['eval_steps']}-step success {100 * float(final['success_rate']):.1f}% "
-                f"[{100 * float(final['ci_low']):.1f}, {100 * float(final['ci_high']):.1f}] over {final['eval_episodes']} episodes")
+    if final.get("success_rate"):                  # the last row was evaluated
+        if task.suite == "gym":                      # locomotion has no success flag: report the return
+            msg += f", {final['eval_steps']}-step return {float(final['return_mean']):.1f}"
+        else:
+            msg += (f", {final['eval_steps']}-step success {100 * float(final['success_rate']):.1f}% "
+                    f"[{100 * float(final['ci_low']):.1f}, {100 * float(final['ci_high']):.1f}]")
+        msg += f" over {final['eval_episodes']} episodes"
     print(msg)
     print(f"checkpoint: {latest}  (evaluate: python evaluate.py --ckpt {latest})")
 
