@@ -1,16 +1,18 @@
-"""Demonstrations: scripted experts for robosuite Lift / Can / Square, PPO teachers for locomotion.
+"""Demonstrations made offline: runs the scripted experts (experts.py) and locomotion PPO teachers, writes files.
 
-Scripted, state-based expert demonstrations for robosuite Lift / Can / Square.
-
-Each expert is a small phase machine that reads object and gripper poses from the
-simulator and servos the OSC_POSE controller (7-D delta action). Per-episode randomness
-(gains, speed caps, hover heights, waypoint offsets, grasp durations, Gaussian action
-noise) makes the demonstrations vary like robomimic's multi-human ("MH") data. Episodes
-stop a few steps after the first success; by default only successful episodes are kept.
-The output is robomimic's hdf5 layout, written by `tasks.write_robomimic_hdf5`.
+robosuite lift / can / square / transport: each episode runs an expert in the real simulator; episodes stop a
+few steps after the first success and only successful ones are kept (--keep-failures keeps the rest, with
+robomimic's mask/successful and mask/failed). Output: robomimic's hdf5 layout (tasks.write_robomimic_hdf5).
 
     python collect_demos.py --task square --episodes 100            # low-dim
     python collect_demos.py --task lift --episodes 50 --images      # + 96x96 cameras
+    python collect_demos.py --task transport --episodes 100         # two arms, 14-D actions
+
+Franka Kitchen (kitchen-complete / -partial / -mixed): the IK expert; an episode counts only if every subtask
+holds in its *final* state (the env latches a subtask the first time it is within reach of its goal). Output:
+D4RL's layout with FrankaKitchen-v1's 59-D observations (tasks.py also reads D4RL's own 60-D kitchen files).
+
+    python collect_demos.py --task kitchen-complete --episodes 200
 
 Locomotion (hopper, walker2d) has no scripted expert: a compact PPO teacher is trained on the CPU
 (checkpoint every 25k steps), the checkpoint whose *stochastic* return is closest to a D4RL-"medium"
@@ -23,8 +25,8 @@ target (hopper 1500, walker2d 2500) is chosen, and its stochastic rollouts are w
     python collect_demos.py --task hopper --teacher runs/teacher/hopper_seed0/step_0176128.pt  # reuse one
 
 `collect(...)` is the programmatic entry point (used when a default dataset is missing); for locomotion
-its `episodes` argument is ignored (the size is `transitions`). To add another task, register it in
-RUNNERS (an episode runner for arm tasks, or a TeacherSpec in TEACHERS for a gym task).
+its `episodes` argument is ignored (the size is `transitions`). To add a task, register an episode runner
+in RUNNERS (or a TeacherSpec in TEACHERS for a gym task).
 """
 
 from __future__ import annotations
@@ -45,368 +47,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from scipy.spatial.transform import Rotation
 from torch import nn
 from torch.distributions import Normal
 from tqdm import tqdm
 
 import tasks
+from experts import EXPERTS, KitchenExpert, sample_order, subtask_done
 from finetune import RewardScaler, RunningMeanStd
-
-# ----------------------------------------------------------------------------- geometry
-POS_SCALE = 0.05  # metres per unit of position action (OSC_POSE output_max)
-ROT_SCALE = 0.5  # radians per unit of rotation action
-GRIP_OPEN, GRIP_CLOSE = -1.0, 1.0
-# Gripper pointing down at yaw 0: site x (finger-closing axis) = world +y, site z = world -z.
-R_DOWN = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
-
-
-def rot_z(a: float) -> np.ndarray:
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
-def down_at_yaw(yaw: float) -> np.ndarray:
-    """Top-down gripper orientation whose fingers close along rot_z(yaw) @ (0, 1, 0)."""
-    return rot_z(yaw) @ R_DOWN
-
-
-def body_yaw(R: np.ndarray) -> float:
-    """Yaw of a body's x axis in the world xy plane."""
-    return float(np.arctan2(R[1, 0], R[0, 0]))
-
-
-def gripper_yaw(R: np.ndarray) -> float:
-    """Inverse of down_at_yaw for the yaw part (column 0 = (-sin, cos, 0))."""
-    return float(np.arctan2(-R[0, 0], R[1, 0]))
-
-
-def wrap(a: float, period: float = 2 * np.pi) -> float:
-    """Wrap an angle to [-period/2, period/2)."""
-    return float((a + period / 2) % period - period / 2)
-
-
-def rot_err(R_tgt: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """World-frame rotation vector taking R to R_tgt (the controller applies R(delta) @ R)."""
-    return Rotation.from_matrix(R_tgt @ R.T).as_rotvec()
-
-
-# ----------------------------------------------------------------------------- experts
-class ArmExpert:
-    """Phase-machine expert for a single Panda with the OSC_POSE + gripper action.
-
-    Subclasses implement `sample()` (per-episode parameters) and `policy()` (returns the
-    clean action and may call `goto`). `__call__` adds Gaussian noise and clips.
-    """
-
-    first_phase = "hover"
-    max_retries = 3
-
-    def __init__(self, sim_env, rng: np.random.Generator, noise: float):
-        self.env = sim_env
-        self.sim = sim_env.sim
-        self.rng = rng
-        self.noise = noise
-        self.site = sim_env.robots[0].eef_site_id["right"]
-        self.kp = rng.uniform(0.8, 1.2)
-        self.vmax = rng.uniform(0.6, 1.0)
-        self.phase, self.t = self.first_phase, 0
-        self.retries = 0
-        self.prev_pos = self.eef()[0]
-        self.speed = 0.0  # eef displacement over the last step (m)
-        self.sample()
-
-    # -- helpers
-    def eef(self):
-        d = self.sim.data
-        return d.site_xpos[self.site].copy(), d.site_xmat[self.site].reshape(3, 3).copy()
-
-    def body(self, body_id: int):
-        d = self.sim.data
-        return d.body_xpos[body_id].copy(), d.body_xmat[body_id].reshape(3, 3).copy()
-
-    def finger_gap(self) -> float:
-        q = self.sim.data.qpos[self.env.robots[0]._ref_gripper_joint_pos_indexes["right"]]
-        return float(q[0] - q[1])
-
-    def goto(self, phase: str):
-        self.phase, self.t = phase, -1  # t is incremented after policy()
-
-    def servo(self, tgt_pos, tgt_R, grip, vmax=None, vmax_z=None, kp_xy=1.0, rot_gain=1.5) -> np.ndarray:
-        """P-control towards an absolute pose. With vmax_z, xy and z speeds are capped separately;
-        kp_xy scales the xy gain (fine alignment), rot_gain the orientation gain."""
-        pos, R = self.eef()
-        vmax = self.vmax if vmax is None else vmax
-        v = self.kp * (np.asarray(tgt_pos) - pos) / POS_SCALE
-        v[:2] *= kp_xy
-        if vmax_z is None:
-            n = np.linalg.norm(v)
-            if n > vmax:
-                v *= vmax / n
-        else:
-            n = np.linalg.norm(v[:2])
-            if n > vmax:
-                v[:2] *= vmax / n
-            v[2] = np.clip(v[2], -vmax_z, vmax_z)
-        w = np.clip(rot_gain * rot_err(tgt_R, R) / ROT_SCALE, -1.0, 1.0)
-        return np.concatenate([v, w, [grip]])
-
-    def pos_err(self, tgt_pos) -> float:
-        return float(np.linalg.norm(np.asarray(tgt_pos) - self.eef()[0]))
-
-    def ang_err(self, tgt_R) -> float:
-        return float(np.linalg.norm(rot_err(tgt_R, self.eef()[1])))
-
-    def retry(self):
-        """Grasp lost or phase timed out: open and start over (bounded)."""
-        self.retries += 1
-        self.goto("reopen" if self.retries <= self.max_retries else "give_up")
-
-    # -- interface
-    def sample(self):
-        raise NotImplementedError
-
-    def policy(self) -> np.ndarray:
-        raise NotImplementedError
-
-    def __call__(self) -> np.ndarray:
-        pos = self.eef()[0]
-        self.speed = float(np.linalg.norm(pos - self.prev_pos))
-        self.prev_pos = pos
-        a = self.policy()
-        self.t += 1
-        if self.noise > 0:
-            a = a + self.rng.normal(0.0, self.noise, 7) * np.array([1, 1, 1, 0.3, 0.3, 0.3, 0])
-        return np.clip(a, -1.0, 1.0)
-
-    def grasp_phases(self, hover_tgt, grasp_tgt, R_t, descend_timeout, grasp_tol=0.008, hover_xy_tol=None):
-        """hover above the grasp point -> descend onto it -> close the gripper; shared by every expert.
-        Returns an action, or None when the phase is not one of these three."""
-        if self.phase == "hover":
-            xy_ok = hover_xy_tol is None or np.linalg.norm(hover_tgt[:2] - self.eef()[0][:2]) < hover_xy_tol
-            if xy_ok and self.pos_err(hover_tgt) < 0.012 and self.ang_err(R_t) < 0.08:
-                self.goto("descend")
-            return self.servo(hover_tgt, R_t, GRIP_OPEN)
-        if self.phase == "descend":
-            if self.pos_err(grasp_tgt) < grasp_tol or self.t > descend_timeout:
-                self.goto("close")
-                self.hold = grasp_tgt
-            return self.servo(grasp_tgt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax)
-        if self.phase == "close":
-            if self.t >= self.close_steps:
-                self.goto("lift")
-            return self.servo(self.hold, R_t, GRIP_CLOSE)
-        return None
-
-    def common_phases(self, hold_R) -> np.ndarray | None:
-        """Phases shared by all experts (recovery). Returns an action or None."""
-        pos, _ = self.eef()
-        if self.phase == "reopen":  # open and rise, then start again
-            if self.t >= 8:
-                self.goto(self.first_phase)
-            return self.servo(pos + [0, 0, 0.03], hold_R, GRIP_OPEN)
-        if self.phase == "give_up":
-            return self.servo(pos, hold_R, GRIP_OPEN)
-        return None
-
-
-class LiftExpert(ArmExpert):
-    """Hover over the cube, descend, close, lift to ~1.05 m."""
-
-    def sample(self):
-        r = self.rng
-        self.hover_h = r.uniform(0.06, 0.12)
-        self.hover_off = r.uniform(-0.01, 0.01, 2)
-        self.grasp_off = np.append(r.uniform(-0.004, 0.004, 2), -0.005 + r.uniform(-0.003, 0.003))
-        self.close_steps = int(r.integers(6, 12))
-        self.lift_z = r.uniform(1.0, 1.08)
-        self.descend_vmax = r.uniform(0.4, 0.6)
-        self.cube_id = self.env.cube_body_id
-
-    def policy(self):
-        cube, Rc = self.body(self.cube_id)
-        R_t = down_at_yaw(wrap(body_yaw(Rc), np.pi / 2))  # cube is 4-fold symmetric
-        pos, _ = self.eef()
-        a = self.common_phases(R_t)
-        if a is not None:
-            return a
-        a = self.grasp_phases(cube + np.append(self.hover_off, self.hover_h), cube + self.grasp_off, R_t, 40)
-        if a is not None:
-            return a
-        if self.phase == "lift":
-            if self.t > 5 and (pos[2] - cube[2] > 0.03 or self.finger_gap() < 0.01):
-                self.retry()
-            return self.servo([self.hold[0], self.hold[1], self.lift_z], R_t, GRIP_CLOSE)
-        raise ValueError(self.phase)
-
-
-class CanExpert(ArmExpert):
-    """Grasp the can from above, carry it over the bin quadrant, release ~5 cm above the floor."""
-
-    # Aim well inside the target quadrant: its centre (0.1975, 0.4025) is at the Panda's reach edge.
-    DROP_XY = np.array([0.15, 0.34])
-
-    def sample(self):
-        r = self.rng
-        self.hover_h = r.uniform(0.08, 0.14)
-        self.yaw = r.uniform(-0.3, 0.3)
-        self.grasp_off = np.append(r.uniform(-0.004, 0.004, 2), 0.01 + r.uniform(-0.005, 0.005))
-        self.close_steps = int(r.integers(8, 12))
-        self.carry_z = r.uniform(1.02, 1.08)
-        self.drop_xy = self.DROP_XY + r.uniform(-0.015, 0.015, 2)
-        self.release_z = r.uniform(0.93, 0.97)
-        self.open_steps = 6
-        self.descend_vmax = r.uniform(0.4, 0.6)
-        self.can_id = self.env.obj_body_id["Can"]
-
-    def policy(self):
-        can, _ = self.body(self.can_id)
-        R_t = down_at_yaw(self.yaw)
-        pos, _ = self.eef()
-        a = self.common_phases(R_t)
-        if a is not None:
-            return a
-        held = self.phase in ("lift", "carry", "lower")
-        if held and self.t > 5 and (pos[2] - can[2] > 0.04 or self.finger_gap() < 0.01):
-            self.retry()
-            return self.servo(pos, R_t, GRIP_OPEN)
-        a = self.grasp_phases(can + [0.0, 0.0, self.hover_h], can + self.grasp_off, R_t, 50)
-        if a is not None:
-            return a
-        if self.phase == "lift":
-            if pos[2] > self.carry_z - 0.03:
-                self.goto("carry")
-            return self.servo([self.hold[0], self.hold[1], self.carry_z], R_t, GRIP_CLOSE)
-        if self.phase == "carry":  # servo the *can's* xy onto the drop point
-            d = self.drop_xy - can[:2]
-            if np.linalg.norm(d) < 0.02:
-                self.goto("lower")
-            return self.servo(np.append(pos[:2] + d, self.carry_z), R_t, GRIP_CLOSE)
-        if self.phase == "lower":
-            d = self.drop_xy - can[:2]
-            if pos[2] < self.release_z + 0.01 or self.t > 60:
-                self.goto("open")
-                self.hold = pos
-            return self.servo(np.append(pos[:2] + d, self.release_z), R_t, GRIP_CLOSE, vmax=0.6)
-        if self.phase == "open":
-            if self.t >= self.open_steps:
-                self.goto("retreat")
-            return self.servo(self.hold, R_t, GRIP_OPEN)
-        if self.phase == "retreat":
-            return self.servo(np.append(self.hold[:2], 1.1), R_t, GRIP_OPEN)
-        raise ValueError(self.phase)
-
-
-class SquareExpert(ArmExpert):
-    """Grasp the nut's handle, yaw it to 180/270 deg over peg 1, lower it onto the peg."""
-
-    def sample(self):
-        r = self.rng
-        self.hover_h = r.uniform(0.06, 0.10)
-        self.grasp_off = np.array([0.0, 0.0, -0.003 + r.uniform(-0.002, 0.002)])
-        self.handle_shift = r.uniform(0.0, 0.008)  # along the handle, away from the ring
-        self.close_steps = int(r.integers(8, 12))
-        self.carry_z = r.uniform(1.00, 1.04)
-        self.lower_vz = r.uniform(0.3, 0.5)
-        self.kp_xy = r.uniform(1.5, 2.0)  # stiffer xy servo of the nut centre over the peg
-        self.rot_gain = r.uniform(2.5, 3.5)  # and of the wrist: ~1 deg of tilt already jams the nut
-        self.descend_vmax = r.uniform(0.4, 0.6)
-        m = self.sim.model
-        self.nut_id = self.env.obj_body_id["SquareNut"]
-        self.handle_site = m.site_name2id("SquareNut_handle_site")
-        self.peg_id = self.env.peg1_body_id
-        self.R_grasp = None
-        self.nut_goal_yaw = None
-        self.realigns = 0
-
-    def policy(self):
-        d = self.sim.data
-        nut, Rn = self.body(self.nut_id)
-        nut_yaw = body_yaw(Rn)
-        handle = d.site_xpos[self.handle_site] + self.handle_shift * Rn[:, 0]
-        peg = d.body_xpos[self.peg_id]
-        pos, R = self.eef()
-        grasp_R = down_at_yaw(wrap(nut_yaw, np.pi))
-        a = self.common_phases(grasp_R if self.R_grasp is None else self.R_grasp)
-        if a is not None:
-            self.R_grasp = None
-            return a
-        held = self.phase in ("lift", "align", "lower", "raise")
-        if held and self.t > 5 and (np.linalg.norm(pos - handle) > 0.04 or self.finger_gap() < 0.01):
-            self.retry()
-            return self.servo(pos, R, GRIP_OPEN)
-        a = self.grasp_phases(handle + [0.0, 0.0, self.hover_h], handle + self.grasp_off, grasp_R, 50,
-                              grasp_tol=0.006, hover_xy_tol=0.005)
-        if a is not None:
-            if self.phase == "lift":      # the gripper has just closed: carry with the grasp orientation
-                self.R_grasp = grasp_R
-            return a
-        if self.phase == "lift":
-            if pos[2] > self.carry_z - 0.015:
-                self.goto("align")
-                self.choose_goal_yaw(nut_yaw, gripper_yaw(R))
-            return self.servo([self.hold[0], self.hold[1], self.carry_z], self.R_grasp, GRIP_CLOSE)
-        # closed loop on the nut: gripper yaw target = current yaw + remaining nut yaw error
-        yaw_e = wrap(self.nut_goal_yaw - nut_yaw)
-        R_t = down_at_yaw(gripper_yaw(R) + yaw_e)  # absolute pitch/roll (down), only yaw relative
-        dxy = peg[:2] - nut[:2]
-        if self.phase == "align":
-            done = np.linalg.norm(dxy) < 0.004 and abs(yaw_e) < 0.05 and self.speed < 0.002
-            if done or (self.t > 120 and np.linalg.norm(dxy) < 0.008):
-                self.goto("lower")
-            return self.servo(np.append(pos[:2] + dxy, self.carry_z), R_t, GRIP_CLOSE, vmax_z=0.5,
-                              kp_xy=self.kp_xy, rot_gain=self.rot_gain)
-        if self.phase == "lower":  # z steps only while the nut is centred (xy and z capped separately)
-            z = pos[2] - 0.03 if np.linalg.norm(dxy) < 0.003 else pos[2]
-            stalled = self.t > 20 and self.speed < 0.0005 and np.linalg.norm(dxy) < 0.003
-            if stalled and nut[2] > 0.88 and self.realigns < 2:  # jammed on the peg top: lift, re-align
-                self.realigns += 1
-                self.goto("raise")
-            elif nut[2] < 0.835 or stalled or self.t > 150:
-                self.goto("release")
-                self.hold = pos
-            return self.servo(np.append(pos[:2] + dxy, z), R_t, GRIP_CLOSE, vmax_z=self.lower_vz,
-                              kp_xy=self.kp_xy, rot_gain=self.rot_gain)
-        if self.phase == "raise":
-            if pos[2] > self.carry_z - 0.01 or self.t > 40:
-                self.goto("align")
-            return self.servo(np.append(pos[:2], self.carry_z), R_t, GRIP_CLOSE, vmax_z=0.5)
-        if self.phase == "release":
-            if self.t >= 6:
-                self.goto("retreat")
-            return self.servo(self.hold, R_t, GRIP_OPEN)
-        if self.phase == "retreat":
-            return self.servo(np.append(self.hold[:2], 1.05), R_t, GRIP_OPEN)
-        raise ValueError(self.phase)
-
-    def choose_goal_yaw(self, nut_yaw: float, grip_yaw: float):
-        """Nut yaw 180 or 270 deg: the handle then sits on the robot side of the peg. (0 deg puts the
-        gripper at the reach edge, 90 deg near it: the arm stalls and tilts, the nut jams.)
-        Pick the one needing the least wrist rotation that keeps |gripper yaw| < 150 deg (joint 7)."""
-        offset = wrap(nut_yaw - grip_yaw)
-        best = None
-        for goal in (np.pi, 1.5 * np.pi):
-            g_yaw = wrap(goal - offset)
-            if abs(g_yaw) > np.deg2rad(150):
-                continue
-            cost = abs(wrap(g_yaw - grip_yaw)) + 0.3 * self.rng.random()
-            if best is None or cost < best[0]:
-                best = (cost, goal)
-        self.nut_goal_yaw = best[1] if best else 1.5 * np.pi
-
-
-EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert}
-
 
 # ----------------------------------------------------------------------------- episodes
 def _robomimic_obs(env, task, images: bool, obs_rgb=None, force: bool = False) -> dict:
-    """Raw robosuite obs under robomimic's key names (every robot0_* key except proprio-state,
+    """Raw robosuite obs under robomimic's key names (every robot0_* / robot1_* key except proprio-state,
     `object`, and `<camera>_image` HWC upright, taken from make_env's "rgb" so they match eval).
     Without `force` this reads robosuite's observable caches (filled by the last step: no re-render)."""
     raw = env.sim_env._get_observations(force_update=force)
     out = {}
     for k, v in raw.items():
-        if k.startswith("robot0_") and k != "robot0_proprio-state" and not k.endswith("_image"):
+        if k.startswith("robot") and not k.endswith(("_proprio-state", "_image")):
             out[k] = np.array(v, dtype=np.float64)
     out["object"] = np.array(raw["object-state"], dtype=np.float64)
     if images:
@@ -453,6 +110,62 @@ def run_arm_episode(env, task, rng, noise: float, images: bool, max_steps: int):
         "model_file": model_file,
     }
     return out, success_at is not None
+
+
+def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: int):
+    """One scripted episode on a tasks.KitchenEnv. Returns (episode dict in D4RL columns, success).
+
+    success = every subtask holds in the *final* state (the env latches a subtask the first time it is
+    within 0.3 of its goal, so a kettle that passes the goal mid-carry and then drops would still count).
+    The episode stops when the env terminates (all subtasks latched) or after max_steps.
+    """
+    if images:
+        raise tasks.TaskError(f"task {task.name} is state-only: drop --images")
+    obs = env.reset()
+    order = sample_order(task.subtasks, rng)
+    expert = KitchenExpert(env.sim_env, order, rng, noise)
+    observations, actions, rewards = [], [], []
+    terminated, info = False, {"completed": []}
+    for _ in range(max_steps):
+        action = expert()
+        observations.append(obs["state"])
+        actions.append(action)
+        obs, reward, terminated, truncated, info = env.step(action)
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    qpos = env.sim_env.unwrapped.data.qpos
+    final = {name: subtask_done(qpos, name) for name in task.subtasks}
+    n = len(actions)
+    terminals = np.zeros(n, dtype=bool)
+    terminals[-1] = terminated  # all subtasks done: nothing is left to earn
+    ep = {"observations": np.asarray(observations, dtype=np.float32),
+          "actions": np.asarray(actions, dtype=np.float32),
+          "rewards": np.asarray(rewards, dtype=np.float32),
+          "terminals": terminals, "timeouts": ~terminals & (np.arange(n) == n - 1),
+          "order": order, "completed": list(info["completed"]), "final": final}
+    return ep, all(final.values())
+
+
+def kitchen_d4rl_columns(episodes: list) -> dict:
+    """Concatenate episodes into D4RL's flat columns (observations, actions, rewards, terminals, timeouts)."""
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
+    return {k: np.concatenate([ep[k] for ep in episodes]) for k in keys}
+
+
+def kitchen_metadata(task, seed: int, noise: float, stats: dict) -> dict:
+    import gymnasium
+    import gymnasium_robotics
+    import mujoco
+
+    return {"task": task.name, "env_id": task.env_id, "subtasks": json.dumps(list(task.subtasks)),
+            "observation": "FrankaKitchen-v1 59-D: robot qpos 9, robot qvel 9, object qpos 21, object qvel 20",
+            "policy": "scripted DLS-IK expert (experts.KitchenExpert)", "seed": seed, "action_noise": noise,
+            "episodes": stats["episodes"], "attempts": stats["attempts"],
+            "rewards": "subtasks newly completed at the step (env reward)",
+            "filter": "kept episodes whose final state satisfies every subtask",
+            "gymnasium_version": gymnasium.__version__, "gymnasium_robotics_version": gymnasium_robotics.__version__,
+            "mujoco_version": mujoco.__version__}
 
 
 # ----------------------------------------------------------------------------- locomotion teacher
@@ -761,9 +474,10 @@ def collect_locomotion(task_name, out=None, seed=0, transitions=200_000, teacher
 
 # What makes each task's data: arm tasks register an episode runner (run by the worker pool), locomotion
 # tasks the PPO-teacher pipeline (collect() dispatches on TEACHERS). pretrain.py checks membership here.
-RUNNERS = {"lift": run_arm_episode, "can": run_arm_episode, "square": run_arm_episode,
-           **{name: collect_locomotion for name in TEACHERS}}
-EPISODE_STEPS = {"lift": 200, "can": 400, "square": 400}  # scripted-episode caps (steps)
+RUNNERS = {"lift": run_arm_episode, "can": run_arm_episode, "square": run_arm_episode, "transport": run_arm_episode,
+           **{name: collect_locomotion for name in TEACHERS},
+           **{name: run_kitchen_episode for name, t in tasks.TASKS.items() if t.suite == "kitchen"}}
+EPISODE_STEPS = {"lift": 200, "can": 400, "square": 400, "transport": 800}  # scripted-episode caps (steps)
 
 
 # ----------------------------------------------------------------------------- collection
@@ -881,7 +595,9 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
     if episodes < 1:
         raise tasks.TaskError(f"--episodes must be >= 1, got {episodes}")
     task = tasks.TASKS[task_name]
-    out = out or task.default_dataset
+    if task.suite == "kitchen" and (images or keep_failures):  # D4RL layout: no cameras, no success masks
+        raise tasks.TaskError(f"task {task_name} writes state-only D4RL-layout data: drop --images/--keep-failures")
+    out = out or str(tasks.default_dataset_path(task, "image" if images else "state"))
     workers = max(1, min(int(workers), episodes))
     max_attempts = max_attempts or 2 * episodes + 20
     quotas = [episodes // workers + (w < episodes % workers) for w in range(workers)]
@@ -927,7 +643,10 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
     attempts = sum(s["attempts"] for s in stats)
     successes = sum(s["successes"] for s in stats)
     episodes_out = [ep for w in range(workers) for ep in kept[w]]
-    if episodes_out:
+    if episodes_out and task.suite == "kitchen":  # D4RL layout, like the kitchen-*-v0 files tasks.py also reads
+        meta = kitchen_metadata(task, seed, noise, {"episodes": len(episodes_out), "attempts": attempts})
+        write_d4rl_hdf5(out, kitchen_d4rl_columns(episodes_out), meta)
+    elif episodes_out:
         _write(out, episodes_out, env_args_for(task, images), keep_failures)
     minutes = (time.time() - t0) / 60.0
     return {
@@ -956,7 +675,7 @@ def main():
     p.add_argument("--episodes", type=int, default=100,
                    help="number of successful demos wanted (arm tasks; locomotion uses --transitions)")
     p.add_argument("--images", action="store_true", help="also record 96x96 camera images of the task's cameras")
-    p.add_argument("--out", default=None, help="output hdf5 path (default: the task's default_dataset)")
+    p.add_argument("--out", default=None, help="output hdf5 path (default: the task's default_dataset, *_img.hdf5 with --images)")
     p.add_argument("--workers", type=int, default=2, help="parallel collection processes (one per core)")
     p.add_argument("--seed", type=int, default=0, help="base seed; worker w uses seed + 1000*w")
     p.add_argument("--noise", type=float, default=0.05, help="std of Gaussian action noise (x0.3 on rotation)")

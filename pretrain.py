@@ -12,7 +12,6 @@ import argparse
 import copy
 import csv
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--obs", default="state", choices=["state", "image"], help="low-dim state or camera images + proprio")
     p.add_argument("--dataset", default=None, help="robomimic/D4RL hdf5 or DPPO train.npz (default: the task's own demos)")
     p.add_argument("--download", action="store_true", help="fetch the task's DMPO dataset into data/ and train on it")
-    p.add_argument("--demos", type=int, default=100, help="scripted demos to collect when the default dataset is missing")
+    p.add_argument("--filter-key", default=None, help="robomimic hdf5 only: train on the demos listed in mask/<KEY> (e.g. better, clean)")
+    p.add_argument("--demos", type=int, default=None, help="scripted demos to collect when the default dataset is missing (default 100; 200 kitchen)")
     p.add_argument("--loss", default=None, choices=list(models.LOSSES), help="meanflow, improved MeanFlow (imf), or flow matching (ReFlow baseline); default meanflow, imf for gym (as the reference)")
     p.add_argument("--alpha-disp", type=float, default=0.5, help="weight of the dispersive loss (0 = plain MeanFlow)")
     p.add_argument("--disp-loss", default="infonce_l2", choices=list(models.DISP_LOSSES), help="dispersive loss variant")
@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt")
     p.add_argument("--log-every", type=int, default=100, help="steps between CSV rows")
     p.add_argument("--save-every", type=int, default=2000, help="steps between checkpoints (latest.pt + step_N.pt)")
+    p.add_argument("--max-minutes", type=float, default=0, help="also stop (save, evaluate) once the run's wall time, resumes included, exceeds this; 0 = off")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations during training (0 = only at the end)")
     p.add_argument("--eval-episodes", type=int, default=50, help="episodes per evaluation (0 disables evaluation)")
     p.add_argument("--eval-envs", type=int, default=10, help="environments per evaluation vector")
@@ -68,15 +69,18 @@ def parse_args(argv=None):
 def task_defaults(task, obs):
     """Reference hyperparameters (method.md sections 1-2): robomimic MeanFlow, lr 1e-4, batch 256; Gym improved
     MeanFlow (the released Gym checkpoints use iMF), lr 1e-3, batch 128;
-    state encoders [obs, 64, 16] for hopper/walker2d, [obs, 128, 32] for the larger state spaces."""
-    gym = task.suite == "gym"
+    state encoders [obs, 64, 16] for hopper/walker2d, [obs, 128, 32] for the larger state spaces;
+    Kitchen like Gym but batch 64, MLP [256]x3 and encoder [obs, 32, 16] (167k parameters)."""
+    kitchen = task.suite == "kitchen"
+    gym = task.suite == "gym" or kitchen
     return {
         "loss": "imf" if gym else "meanflow",
         "steps": 100_000 if obs == "image" else 30_000,
-        "batch_size": 128 if gym else 256,
+        "batch_size": 64 if kitchen else (128 if gym else 256),
         "lr": 1e-3 if gym else 1e-4,
-        "hidden_dim": 768 if obs == "image" else (768 if task.name == "humanoid" else 512),
-        "cond_dims": [64, 16] if task.name in ("hopper", "walker2d") else [128, 32],
+        "hidden_dim": 256 if kitchen else (768 if obs == "image" or task.name == "humanoid" else 512),
+        "cond_dims": [32, 16] if kitchen else ([64, 16] if task.name in ("hopper", "walker2d") else [128, 32]),
+        "demos": 200 if kitchen else 100,
     }
 
 
@@ -86,9 +90,7 @@ def find_dataset(args, task):
         return str(tasks.download_dataset(task, obs_mode=args.obs))
     if args.dataset:
         return args.dataset
-    path = Path(task.default_dataset)
-    if args.obs == "image":
-        path = path.with_name(path.stem + "_img" + path.suffix)
+    path = tasks.default_dataset_path(task, args.obs)
     if path.exists():
         return str(path)
     downloaded = tasks.downloaded_path(task, args.obs)
@@ -139,7 +141,7 @@ def main(argv=None):
         if args.resume and not latest.exists():
             raise ValueError(f"--resume: {latest} does not exist")
         dataset_path = find_dataset(args, task)
-        data = tasks.load_dataset(dataset_path, task, args.obs)
+        data = tasks.load_dataset(dataset_path, task, args.obs, filter_key=args.filter_key)
     except (ValueError, tasks.TaskError) as e:
         sys.exit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +223,8 @@ def main(argv=None):
         bar.update(1)
 
         # --- logging, evaluation, checkpoints ---
-        last = step == args.steps
+        # --max-minutes ends the run early (the cosine schedule still spans --steps, so lr is not at its floor)
+        last = step == args.steps or (args.max_minutes > 0 and time.time() - wall0 > 60 * args.max_minutes)
         if step % args.log_every == 0 or last:
             row = {k: acc[k] / acc["n"] for k in ("loss_total", "loss_flow", "loss_disp", "grad_norm")}
             row.update(step=step, lr=lr_at(step - 1, args), wall_s=round(time.time() - wall0, 1),
@@ -239,6 +242,8 @@ def main(argv=None):
             save(latest)
             if step % args.save_every == 0:
                 save(out / f"step_{step}.pt")
+        if last:
+            break
     bar.close()
     with open(csv_path) as f:
         final = list(csv.DictReader(f))[-1]

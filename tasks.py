@@ -5,6 +5,7 @@ Everything the stage scripts need to know about a task lives here:
   * make_env         -- one env with a small gymnasium-like API, actions in env units
   * ChunkVecEnv      -- N envs that execute whole action chunks, auto-reset, report episodes
   * load_dataset     -- robomimic hdf5 / D4RL hdf5 / DPPO-DMPO npz (/ local Minari) -> Dataset in env units
+                        (D4RL kitchen-*-v0's 60-D observations are mapped onto FrankaKitchen-v1's 59-D ones)
   * write_robomimic_hdf5, download_dataset, chunk_starts, normalization_stats
 
 User mistakes (missing files, wrong shapes, no renderer, offline) raise TaskError with one line, so the
@@ -40,7 +41,7 @@ class TaskError(Exception):
 @dataclass(frozen=True)
 class Task:
     name: str
-    suite: str  # "robosuite" | "gym"
+    suite: str  # "robosuite" | "gym" | "kitchen"
     env_id: str  # robosuite env name or gymnasium id
     act_dim: int
     obs_dim: int  # low-dim state size in "state" mode (DPPO layout)
@@ -54,6 +55,7 @@ class Task:
     object_key: str = ""  # robosuite 1.5 name; robomimic files call it "object"
     cameras: tuple = ()
     env_kwargs: tuple = ()  # extra gym.make kwargs as (key, value) pairs (keeps Task hashable)
+    subtasks: tuple = ()  # kitchen: FrankaKitchen-v1 task names that make up the goal
 
 
 PANDA = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")  # 3 + 4 (xyzw) + 2 = 9
@@ -61,10 +63,13 @@ TWO_PANDAS = PANDA + ("robot1_eef_pos", "robot1_eef_quat", "robot1_gripper_qpos"
 IMAGE_SIZE = 96  # camera obs are IMAGE_SIZE x IMAGE_SIZE, like the DPPO/DMPO image datasets
 VIDEO_SIZE = 256
 NO_CFRC = (("include_cfrc_ext_in_observation", False),)  # see _legacy_gym_columns
+KITCHEN_MKLS = ("microwave", "kettle", "light switch", "slide cabinet")
 
 # max_episode_steps: the DMPO fine-tuning horizons (lift 400, can/square 500, transport 800, gym 1000).
 # DPPO's robomimic eval configs use 300 for lift/can/square: pass max_episode_steps=300 to reproduce them.
-# gamma is per chunk: 0.999 robomimic, 0.99 gym (method.md section 5).
+# gamma is per chunk: 0.999 robomimic, 0.99 gym and kitchen (method.md section 5).
+# Kitchen: D4RL's kitchen-complete-v0 and kitchen-partial-v0 share one goal (microwave, kettle, light switch,
+# slide cabinet; they differ in their data), kitchen-mixed-v0 swaps the slide cabinet for the bottom burner.
 TASKS: dict[str, Task] = {
     "lift": Task("lift", "robosuite", "Lift", act_dim=7, obs_dim=19, chunk=4, max_episode_steps=400,
                  gamma=0.999, default_dataset="data/lift/demos.hdf5", hf_subdir="robomimic/lift",
@@ -93,6 +98,12 @@ TASKS: dict[str, Task] = {
     "humanoid": Task("humanoid", "gym", "Humanoid-v5", act_dim=17, obs_dim=270, chunk=4,
                      max_episode_steps=1000, gamma=0.99, default_dataset="data/humanoid/medium.hdf5",
                      hf_subdir="gym/Humanoid-medium-v3", env_kwargs=NO_CFRC),
+    **{f"kitchen-{kind}": Task(f"kitchen-{kind}", "kitchen", "FrankaKitchen-v1", act_dim=9, obs_dim=59, chunk=4,
+                               max_episode_steps=280, gamma=0.99,
+                               default_dataset=f"data/kitchen-{kind}/demos.hdf5",
+                               hf_subdir=f"gym/kitchen-{kind}-v0", subtasks=subtasks)
+       for kind, subtasks in (("complete", KITCHEN_MKLS), ("partial", KITCHEN_MKLS),
+                              ("mixed", ("microwave", "kettle", "bottom burner", "light switch")))},
 }
 
 
@@ -292,18 +303,78 @@ class GymEnv:
         self.sim_env.close()
 
 
+KITCHEN_DT = 0.08  # FrankaKitchen-v1 (and D4RL kitchen-v0): frame_skip 40 x timestep 0.002 s
+
+
+class KitchenEnv:
+    """FrankaKitchen-v1 (gymnasium-robotics) with the GymEnv API, for a fixed set of D4RL subtasks.
+
+    obs["state"] is v1's 59-D "observation": robot qpos (9) + robot qvel (9) + object qpos (21) + object
+    qvel (20), with the env's small observation noise. A subtask is done once its qpos entries come within
+    0.3 (L2) of the goal; v1 then drops it from its list, so completion latches even if the object drifts
+    back. reward = subtasks newly completed at this step (v1's and D4RL's env reward), so an episode's
+    return counts the subtasks done (0..len(subtasks)). info["success"] = every subtask done so far,
+    info["completed"] = their names in completion order. Like D4RL, the episode terminates when all are
+    done (nothing is left to earn), whatever terminate_on_success says.
+    """
+
+    def __init__(self, task: Task, obs_mode: str, seed: int, render_video: bool, max_episode_steps: int | None):
+        if obs_mode != "state":
+            raise TaskError(f"task {task.name} is state-only")
+        if render_video:
+            setup_rendering()
+        import gymnasium as gym
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)  # registers FrankaKitchen-v1 (idempotent)
+        self.task, self.seed = task, seed
+        self.max_episode_steps = max_episode_steps or task.max_episode_steps
+        kwargs = dict(task.env_kwargs)
+        if render_video:
+            kwargs.update(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE)
+        # The passive checker only warns that v1 hands out the same obs dict twice; we copy it anyway.
+        self.sim_env = gym.make(task.env_id, tasks_to_complete=list(task.subtasks), disable_env_checker=True,
+                                max_episode_steps=self.max_episode_steps, **kwargs)
+        self.t, self.completed = 0, []
+
+    def reset(self, seed: int | None = None) -> dict:
+        if seed is None:  # the first reset uses the constructor seed, later ones continue its stream
+            seed, self.seed = self.seed, None
+        self.t, self.completed = 0, []
+        obs, _ = self.sim_env.reset(seed=seed)  # the start state is fixed; the seed drives observation noise
+        return {"state": np.asarray(obs["observation"], dtype=np.float32)}
+
+    def step(self, action: np.ndarray):
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(self.task.act_dim), -1.0, 1.0)
+        obs, reward, terminated, truncated, info = self.sim_env.step(action)
+        self.t += 1
+        self.completed += [name for name in info["step_task_completions"] if name not in self.completed]
+        success = len(self.completed) == len(self.task.subtasks)
+        truncated = (bool(truncated) or self.t >= self.max_episode_steps) and not terminated
+        return {"state": np.asarray(obs["observation"], dtype=np.float32)}, float(reward), bool(terminated), \
+            truncated, {"success": success, "completed": list(self.completed)}
+
+    def render(self) -> np.ndarray:
+        return self.sim_env.render()
+
+    def close(self):
+        self.sim_env.close()
+
+
 def make_env(task: Task | str, obs_mode: str = "state", seed: int = 0, terminate_on_success: bool = False,
              render_video: bool = False, max_episode_steps: int | None = None):
     """One env: reset(seed=None) -> obs, step(action in env units) -> (obs, r, terminated, truncated, info).
 
     obs = {"state": float32 (state_dim,)} (+ "rgb": uint8 (3*n_cameras, 96, 96), upright, in image mode);
-    info["success"] is robosuite's _check_success() (False for gym); .sim_env is the raw env.
-    Actions are clipped to the action space (robosuite [-1, 1]; Humanoid +-0.4).
+    info["success"] is robosuite's _check_success() (False for gym; all subtasks done for kitchen);
+    .sim_env is the raw env. Actions are clipped to the action space (robosuite, kitchen [-1, 1]; Humanoid +-0.4).
     """
     task = get_task(task)
     obs_dims(task, obs_mode)
     if task.suite == "robosuite":
         return RobosuiteEnv(task, obs_mode, seed, terminate_on_success, render_video, max_episode_steps)
+    if task.suite == "kitchen":
+        return KitchenEnv(task, obs_mode, seed, render_video, max_episode_steps)
     return GymEnv(task, obs_mode, seed, render_video, max_episode_steps)
 
 
@@ -449,6 +520,38 @@ def _legacy_gym_columns(task: Task, dim: int) -> np.ndarray | None:
     return None
 
 
+def kitchen_v0_to_v1(obs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """D4RL kitchen-*-v0 observations (N, 60) -> FrankaKitchen-v1 observations (N, 59).
+
+    D4RL (adept_envs KitchenV0._get_obs): qp robot qpos (9) + obj_qp object qpos (21) + goal (30, the task's
+    goal values, constant). v1: robot qpos (9) + robot qvel (9) + object qpos (21) + object qvel (20). Joint
+    order, indices, goals and the 0.08 s step are the same in both, so the positions carry over as they are
+    and the goal block is dropped. D4RL stores no velocities; we use backward differences within each
+    episode, (x[t] - x[t-1]) / 0.08, the mean velocity over the step that led to x[t] (an approximation of
+    v1's instantaneous qvel at the end of that step), and 0 at an episode's first step (both envs start at
+    rest). Object qvel has 20 entries because the kettle's
+    free joint has a 7-D pose (position + wxyz quaternion) but a 6-D velocity: linear in the world frame,
+    angular in the kettle's own frame, here the rotation vector of conj(q[t-1]) * q[t] divided by dt.
+    """
+    qpos = np.concatenate([obs[:, 0:9], obs[:, 9:30]], axis=1).astype(np.float64)  # v1 qpos[0:30]
+    prev = qpos.copy()
+    starts = np.cumsum(lengths) - lengths
+    prev[1:] = qpos[:-1]
+    prev[starts] = qpos[starts]  # zero velocity at each episode start
+    vel = (qpos - prev) / KITCHEN_DT  # right for the 23 hinge/slide joints and the kettle position
+    q0, q1 = prev[:, 26:30], qpos[:, 26:30]  # kettle quaternions (w, x, y, z)
+    # conj(q0) * q1 (Hamilton product): the rotation from t-1 to t in the kettle's frame
+    w0, v0, w1, v1 = q0[:, :1], q0[:, 1:], q1[:, :1], q1[:, 1:]
+    dq_w = w0 * w1 + np.sum(v0 * v1, axis=1, keepdims=True)
+    dq_v = w0 * v1 - w1 * v0 - np.cross(v0, v1)
+    dq_v = dq_v * np.sign(dq_w + (dq_w == 0))  # q and -q are the same rotation: take the short way round
+    sin_half = np.linalg.norm(dq_v, axis=1, keepdims=True)
+    angle = 2 * np.arctan2(sin_half, np.abs(dq_w))  # exact log map (like mju_quat2Vel)
+    ang = dq_v / np.maximum(sin_half, 1e-12) * angle / KITCHEN_DT
+    obj_vel = np.concatenate([vel[:, 9:26], ang], axis=1)  # 14 joints + kettle linear (3) + angular (3)
+    return np.concatenate([qpos[:, :9], vel[:, :9], qpos[:, 9:30], obj_vel], axis=1)
+
+
 def _require(group, keys, path, where=""):
     missing = [k for k in keys if k not in group]
     if missing:
@@ -566,6 +669,7 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
             hint = (f"; run `python collect_demos.py --task {task.name}` "
                     f"(or `python pretrain.py --task {task.name} --download` to fetch the DMPO dataset)")
         raise TaskError(f"{path}: file not found{hint}")
+    robomimic = False
     try:
         if path.is_dir():
             ds = _read_minari(path)
@@ -573,7 +677,8 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
             ds = _read_dppo_npz(path, obs_mode)
         else:
             with h5py.File(path, "r") as f:
-                if "data" in f:
+                robomimic = "data" in f
+                if robomimic:
                     ds = _read_robomimic(f, path, task, obs_mode, filter_key)
                 elif "observations" in f:
                     ds = _read_d4rl(f, path)
@@ -582,6 +687,8 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
                                     f"'actions', 'terminals', 'timeouts') layout (found: {', '.join(f.keys())})")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # unreadable/corrupt files, odd dtypes
         raise TaskError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
+    if filter_key is not None and not robomimic:
+        raise TaskError(f"{path}: filter key {filter_key!r} given, but only robomimic hdf5 files have mask/<key>")
     ds.path = str(path)
     return _validate(ds, path, task, obs_mode, state_dim, n_cams)
 
@@ -597,6 +704,11 @@ def _validate(ds: Dataset, path: Path, task: Task, obs_mode: str, state_dim: int
     if len(ds.states) != n or ds.episode_lengths.sum() != n or (ds.episode_lengths <= 0).any():
         raise TaskError(f"{path}: {len(ds.states)} states, {n} actions and episode lengths summing to "
                         f"{ds.episode_lengths.sum()} do not agree")
+    if task.suite == "kitchen" and obs_mode == "state" and ds.states.shape[1] != state_dim:
+        if ds.states.shape[1] != 60:
+            raise TaskError(f"{path}: states have {ds.states.shape[1]} dims, task {task.name} expects 59 "
+                            f"(FrankaKitchen-v1) or 60 (D4RL kitchen-*-v0)")
+        ds.states = kitchen_v0_to_v1(ds.states, ds.episode_lengths)
     if ds.states.shape[1] != state_dim:
         hint = " (an image dataset? use obs_mode 'image')" if obs_mode == "state" and \
             ds.states.shape[1] == 9 * len(task.robots) else ""
@@ -659,6 +771,13 @@ def write_robomimic_hdf5(path: str | os.PathLike, episodes: list[dict], env_args
 
 
 HF_BASE_URL = "https://huggingface.co/datasets/Guowei-Zou/DMPO-datasets/resolve/main"
+
+
+def default_dataset_path(task: Task | str, obs_mode: str = "state") -> Path:
+    """Where collect_demos.py writes a task's own demos and pretrain.py looks for them: the task's
+    default_dataset, with an "_img" suffix for image demos (they also hold the state keys)."""
+    path = Path(get_task(task).default_dataset)
+    return path.with_name(path.stem + "_img" + path.suffix) if obs_mode == "image" else path
 
 
 def downloaded_path(task: Task | str, obs_mode: str = "state", dest_dir: str = "data") -> Path:

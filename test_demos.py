@@ -136,6 +136,34 @@ def test_can_and_square_succeed(task, tmp_path):
     env.close()
 
 
+def test_transport_two_arm_demo(tmp_path):
+    """The two-arm expert finishes TwoArmTransport (seed 0: one attempt, ~530 steps) and the file has
+    14-D actions, both robots' obs and robomimic's layout; it loads as 59-D states."""
+    out = tmp_path / "transport.hdf5"
+    s = collect("transport", 1, out=str(out), workers=1, seed=0, progress=False)
+    assert s["successes"] == 1 and s["attempts"] == 1 and s["episodes_written"] == 1
+    with h5py.File(out, "r") as f:
+        assert json.loads(f["data"].attrs["env_args"])["env_kwargs"]["robots"] == ["Panda", "Panda"]
+        g = f["data/demo_0"]
+        T = g.attrs["num_samples"]
+        assert g["actions"].shape == (T, 14) and np.abs(g["actions"][:]).max() <= 1.0
+        assert g["dones"][-1] == 1 and g["rewards"][-1] == 1.0
+        for robot in ("robot0", "robot1"):
+            assert g[f"obs/{robot}_eef_pos"].shape == (T, 3) and g[f"obs/{robot}_gripper_qpos"].shape == (T, 2)
+            assert f"{robot}_proprio-state" not in g["obs"]
+        states = g["states"][:]
+    ds = tasks.load_dataset(out, "transport")
+    assert ds.states.shape == (T, 59) and ds.actions.shape == (T, 14)
+    env = tasks.make_env("transport", seed=0)
+    env.reset()
+    sim = env.sim_env.sim
+    for t, want in ((0, False), (T - 1, True)):  # both the trash and the hammer are in their bins at the end
+        sim.set_state_from_flattened(states[t])
+        sim.forward()
+        assert env.sim_env._check_success() == want
+    env.close()
+
+
 def test_image_demos(tmp_path):
     out = tmp_path / "lift_img.hdf5"
     s = collect("lift", 1, images=True, out=str(out), workers=1, seed=0, progress=False)
@@ -314,3 +342,20 @@ def test_reuse_teacher_and_atomic_write(hopper_tiny, tmp_path, monkeypatch):
         collect("hopper", out=str(out), teacher=str(tmp_path / "nope.pt"), progress=False)
     with pytest.raises(tasks.TaskError, match="a hopper teacher, not walker2d"):
         collect("walker2d", out=str(out), teacher=str(ckpt), progress=False)
+
+
+def test_kitchen_expert_demo_in_d4rl_layout(tmp_path):
+    # One seeded expert episode through collect() (the expert finishes all four subtasks in ~97% of episodes;
+    # seed 1's does): kept episodes hold every subtask in their final state, load back as 59-D D4RL-layout
+    # data, and earn one reward per subtask.
+    out = tmp_path / "kitchen.hdf5"
+    s = collect("kitchen-complete", 1, out=str(out), workers=1, seed=1, max_attempts=1, progress=False)
+    assert (s["successes"], s["attempts"]) == (1, 1)
+    with h5py.File(out) as f:
+        assert {"observations", "actions", "rewards", "terminals", "timeouts"} <= set(f.keys())
+        assert f["terminals"][-1] and not f["terminals"][:-1].any()  # ends when the last subtask is done
+    ds = tasks.load_dataset(out, "kitchen-complete")
+    assert ds.states.shape[1] == 59 and len(ds.episode_lengths) == 1 and ds.episode_lengths[0] <= 280
+    assert ds.rewards.sum() == 4.0 and np.abs(ds.actions).max() <= 1.0
+    with pytest.raises(tasks.TaskError, match="state-only"):
+        collect("kitchen-complete", 1, images=True, out=str(tmp_path / "x.hdf5"), workers=1)

@@ -25,7 +25,8 @@ tasks.setup_rendering()
 # Task table
 # ----------------------------------------------------------------------------------------------
 def test_task_table_and_dims():
-    assert set(TASKS) == {"lift", "can", "square", "transport", "hopper", "walker2d", "ant", "humanoid"}
+    assert set(TASKS) == {"lift", "can", "square", "transport", "hopper", "walker2d", "ant", "humanoid",
+                          "kitchen-complete", "kitchen-partial", "kitchen-mixed"}
     want = {"lift": 19, "can": 23, "square": 23, "transport": 59, "hopper": 11, "walker2d": 17}
     for name, dim in want.items():
         assert tasks.obs_dims(name, "state") == (dim, 0)
@@ -314,6 +315,8 @@ def test_robomimic_filter_keys(lift_files):
     assert len(load_dataset(lift_files["hdf5"], "lift", filter_key="train").episode_lengths) == 9
     with pytest.raises(TaskError, match="mask/nope"):
         load_dataset(lift_files["hdf5"], "lift", filter_key="nope")
+    with pytest.raises(TaskError, match="only robomimic"):  # other formats have no masks: never ignore the key
+        load_dataset(lift_files["npz_state"], "lift", filter_key="valid")
 
 
 def _hopper_episodes(seed=0):
@@ -458,6 +461,132 @@ def test_bad_files(tmp_path, lift_files):
     lone.mkdir()
     np.savez(lone / "train.npz", states=rng.normal(size=(2, 19)), actions=np.zeros((2, 7)), traj_lengths=[2])
     expect(lone / "train.npz", "lift", "normalization.npz")
+
+
+# ----------------------------------------------------------------------------------------------
+# Franka Kitchen
+# ----------------------------------------------------------------------------------------------
+# FrankaKitchen-v1's goals as qpos index -> value. Equality constraints tie joint pairs: light_switch (17) =
+# 14 * light_joint (18) and each knob = 174 * its burner slide (11 and 12 for the bottom burner).
+KITCHEN_GOAL_QPOS = {
+    "microwave": {22: -0.75},
+    "kettle": dict(zip(range(23, 30), (-0.23, 0.75, 1.62, 0.99, 0.0, 0.0, -0.06))),
+    "light switch": {17: -0.69, 18: -0.69 / 14},
+    "slide cabinet": {19: 0.37},
+    "bottom burner": {11: -0.88, 12: -0.88 / 174},
+}
+
+
+@pytest.mark.parametrize("name", ["kitchen-complete", "kitchen-partial", "kitchen-mixed"])
+def test_kitchen_env(name):
+    task = TASKS[name]
+    assert (task.obs_dim, task.act_dim, task.chunk, task.max_episode_steps, task.gamma) == (59, 9, 4, 280, 0.99)
+    assert len(task.subtasks) == 4 and {"microwave", "kettle", "light switch"} < set(task.subtasks)
+    env = make_env(name, seed=0)
+    obs = env.reset()
+    assert set(obs) == {"state"} and obs["state"].shape == (59,) and obs["state"].dtype == np.float32
+    assert set(env.sim_env.unwrapped.tasks_to_complete) == set(task.subtasks)
+    obs, r, term, trunc, info = env.step(np.zeros(9))
+    assert obs["state"].shape == (59,) and r == 0.0 and (term, trunc) == (False, False)
+    assert info == {"success": False, "completed": []}
+    with pytest.raises(TaskError, match="no cameras"):
+        make_env(name, "image")
+    env.close()
+
+
+def test_kitchen_video_frame():
+    env = make_env("kitchen-complete", seed=0, render_video=True)
+    env.reset()
+    frame = env.render()
+    assert frame.shape == (tasks.VIDEO_SIZE, tasks.VIDEO_SIZE, 3) and frame.dtype == np.uint8 and frame.std() > 10
+    env.close()
+
+
+def test_kitchen_reward_and_success_bookkeeping():
+    env = make_env("kitchen-mixed", seed=0, max_episode_steps=5)
+    env.reset()
+    data = env.sim_env.unwrapped.data
+
+    def put(*names):  # place objects at their goals (qpos), as a finished subtask would leave them
+        for name in names:
+            for i, value in KITCHEN_GOAL_QPOS[name].items():
+                data.qpos[i] = value
+        data.qvel[:] = 0.0
+
+    put("microwave")
+    _, r, term, _, info = env.step(np.zeros(9))
+    assert r == 1.0 and not term and info == {"success": False, "completed": ["microwave"]}
+    _, r, term, _, info = env.step(np.zeros(9))  # completion latches: no second reward
+    assert r == 0.0 and info["completed"] == ["microwave"]
+    data.qpos[22] = 0.0  # close the door again: still counted
+    _, r, _, _, info = env.step(np.zeros(9))
+    assert r == 0.0 and info["completed"] == ["microwave"] and not info["success"]
+    put("kettle", "bottom burner", "light switch")
+    _, r, term, trunc, info = env.step(np.zeros(9))
+    assert r == 3.0 and term and not trunc and info["success"]
+    assert set(info["completed"]) == set(TASKS["kitchen-mixed"].subtasks)
+    env.reset()  # a new episode starts from zero
+    _, r, _, trunc, info = env.step(np.zeros(9))
+    assert r == 0.0 and info == {"success": False, "completed": []}
+    for _ in range(4):
+        _, _, term, trunc, _ = env.step(np.zeros(9))
+    assert trunc and not term  # max_episode_steps=5
+
+
+def _kitchen_v0_episodes(rng):
+    """Two episodes of D4RL kitchen-v0 observations (qpos 9 + object qpos 21 + goal 30) with known velocities."""
+    lengths, dt = [4, 3], 0.08
+    qvel = rng.normal(size=(7, 29))  # robot 9 + 14 object joints + kettle linear 3 + kettle angular 3
+    qpos = np.zeros((7, 30))
+    for start, n in zip(np.cumsum(lengths) - lengths, lengths):
+        qpos[start] = rng.normal(size=30) * 0.1
+        qpos[start, 26:30] = [1, 0, 0, 0]
+        for t in range(start + 1, start + n):
+            qpos[t, :26] = qpos[t - 1, :26] + qvel[t, :26] * dt
+            w = qvel[t, 26:29]  # body-frame angular velocity: q[t] = q[t-1] * exp(w dt / 2)
+            angle = np.linalg.norm(w) * dt
+            dq = np.r_[np.cos(angle / 2), np.sin(angle / 2) * w / np.linalg.norm(w)]
+            a, b = qpos[t - 1, 26:30], dq
+            qpos[t, 26:30] = [a[0] * b[0] - a[1:] @ b[1:], *(a[0] * b[1:] + b[0] * a[1:] + np.cross(a[1:], b[1:]))]
+        qvel[start] = 0.0
+    goal = np.zeros((7, 30))
+    goal[:, 22] = -0.75
+    return np.concatenate([qpos, goal], axis=1), qpos, qvel, lengths
+
+
+def test_kitchen_d4rl_60d_maps_onto_v1(tmp_path):
+    rng = np.random.default_rng(0)
+    obs60, qpos, qvel, lengths = _kitchen_v0_episodes(rng)
+    path = tmp_path / "kitchen_complete-v0.hdf5"
+    with h5py.File(path, "w") as f:  # D4RL's kitchen layout (its files also carry infos/ we do not need)
+        f["observations"], f["actions"] = obs60.astype(np.float32), rng.uniform(-1, 1, (7, 9)).astype(np.float32)
+        f["rewards"] = np.zeros(7, np.float32)
+        f["terminals"], f["timeouts"] = np.zeros(7, bool), np.eye(7, dtype=bool)[[3, 6]].any(0)
+    ds = load_dataset(path, "kitchen-complete")
+    np.testing.assert_array_equal(ds.episode_lengths, lengths)
+    assert ds.states.shape == (7, 59)
+    np.testing.assert_allclose(ds.states[:, 0:9], qpos[:, 0:9], atol=1e-6)  # robot qpos
+    np.testing.assert_allclose(ds.states[:, 18:39], qpos[:, 9:30], atol=1e-6)  # object qpos
+    np.testing.assert_allclose(ds.states[:, 9:18], qvel[:, 0:9], atol=1e-4)  # finite-difference velocities
+    np.testing.assert_allclose(ds.states[:, 39:59], qvel[:, 9:29], atol=1e-3)  # incl. kettle angular velocity
+    assert not ds.states[[0, 4], 9:18].any()  # zero at each episode start
+
+
+def test_kitchen_59d_round_trip_and_bad_width(tmp_path):
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(6, 59)).astype(np.float32)
+    with h5py.File(tmp_path / "ours.hdf5", "w") as f:  # what collect_demos.py writes for kitchen
+        f["observations"], f["actions"] = obs, rng.uniform(-1, 1, (6, 9)).astype(np.float32)
+        f["rewards"], f["terminals"], f["timeouts"] = np.zeros(6, np.float32), np.eye(6, dtype=bool)[1], \
+            np.eye(6, dtype=bool)[5]
+    ds = load_dataset(tmp_path / "ours.hdf5", "kitchen-partial")
+    np.testing.assert_array_equal(ds.states, obs)
+    np.testing.assert_array_equal(ds.episode_lengths, [2, 4])
+    with h5py.File(tmp_path / "odd.hdf5", "w") as f:
+        f["observations"], f["actions"], f["terminals"] = np.zeros((3, 61)), np.zeros((3, 9)), np.zeros(3, bool)
+    with pytest.raises(TaskError, match=r"odd.hdf5: states have 61 dims.*59 \(FrankaKitchen-v1\) or 60") as e:
+        load_dataset(tmp_path / "odd.hdf5", "kitchen-mixed")
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------
