@@ -86,6 +86,7 @@ class ArmExpert:
         self.retries = 0
         self.prev_pos = self.eef()[0]
         self.speed = 0.0  # eef displacement over the last step (m)
+        self.R_grasp = None  # wrist orientation while an object is held (set by grasp_phases when it closes)
         self.sample()
 
     # -- helpers
@@ -100,6 +101,10 @@ class ArmExpert:
     def finger_gap(self) -> float:
         q = self.sim.data.qpos[self.robot._ref_gripper_joint_pos_indexes["right"]]
         return float(q[0] - q[1])
+
+    def lost(self, point, radius: float) -> bool:
+        """The held object slipped: its grasp point left the fingers, or the fingers closed on nothing."""
+        return self.t > 5 and (self.pos_err(point) > radius or self.finger_gap() < 0.01)
 
     def goto(self, phase: str):
         self.phase, self.t = phase, -1  # t is incremented after policy()
@@ -167,6 +172,9 @@ class ArmExpert:
         if self.phase == "close":
             if self.t >= self.close_steps:
                 self.goto("lift")
+                # carried objects keep the grasp orientation: re-aiming at a grasp point that moves with the
+                # object would chase it
+                self.R_grasp = R_t
             return self.servo(self.hold, R_t, GRIP_CLOSE)
         return None
 
@@ -295,7 +303,6 @@ class SquareExpert(ArmExpert):
         self.nut_id = self.env.obj_body_id["SquareNut"]
         self.handle_site = m.site_name2id("SquareNut_handle_site")
         self.peg_id = self.env.peg1_body_id
-        self.R_grasp = None
         self.nut_goal_yaw = None
         self.realigns = 0
 
@@ -312,14 +319,12 @@ class SquareExpert(ArmExpert):
             self.R_grasp = None
             return a
         held = self.phase in ("lift", "align", "lower", "raise")
-        if held and self.t > 5 and (np.linalg.norm(pos - handle) > 0.04 or self.finger_gap() < 0.01):
+        if held and self.lost(handle, 0.04):
             self.retry()
             return self.servo(pos, R, GRIP_OPEN)
         a = self.grasp_phases(handle + [0.0, 0.0, self.hover_h], handle + self.grasp_off, grasp_R, 50,
                               grasp_tol=0.006, hover_xy_tol=0.005)
         if a is not None:
-            if self.phase == "lift":      # the gripper has just closed: carry with the grasp orientation
-                self.R_grasp = grasp_R
             return a
         if self.phase == "lift":
             if pos[2] > self.carry_z - 0.015:
@@ -410,7 +415,6 @@ class TransportArm(ArmExpert):
         self.transport = sim_env.transport
         self.partner: TransportArm | None = None
         self.stage = self.first_stage
-        self.R_grasp = None  # wrist orientation while an object is held (set when the gripper closes)
         super().__init__(sim_env, rng, noise, robot)
 
     def wrist(self, yaw: float, period: float) -> np.ndarray:
@@ -439,18 +443,6 @@ class TransportArm(ArmExpert):
         """Middle of the hammer from handle end to head end (the head sits past the +axis end)."""
         centre, axis, head = hammer_pose(self.transport)
         return centre + head * axis
-
-    def grasp(self, hover_pt, grasp_pt, R_t, timeout: int, **kw):
-        """grasp_phases, remembering the grasp orientation once the gripper has closed (carried objects
-        keep it: re-aiming at a grasp point that moves with the object would chase it)."""
-        a = self.grasp_phases(hover_pt, grasp_pt, R_t, timeout, **kw)
-        if self.phase == "lift" and self.R_grasp is None:
-            self.R_grasp = R_t
-        return a
-
-    def lost(self, point, radius: float) -> bool:
-        """The held object slipped: its grasp point left the fingers, or the fingers closed on nothing."""
-        return self.t > 5 and (self.pos_err(point) > radius or self.finger_gap() < 0.01)
 
     def policy(self):
         a = self.common_phases(self.R_grasp if self.R_grasp is not None else down_at_yaw(self.neutral_yaw))
@@ -493,7 +485,7 @@ class UnpackArm(TransportArm):
             self.retry()
             return self.servo(pos, R_t, GRIP_OPEN)
         grasp_pt = handle + [0.0, 0.0, self.lid_grasp_dz]
-        a = self.grasp(grasp_pt + [0.0, 0.0, self.lid_hover_h], grasp_pt, R_t, 40)
+        a = self.grasp_phases(grasp_pt + [0.0, 0.0, self.lid_hover_h], grasp_pt, R_t, 40)
         if a is not None:
             return a
         d = self.lid_drop - handle[:2]
@@ -524,7 +516,7 @@ class UnpackArm(TransportArm):
             self.retry()
             return self.servo(pos, R_t, GRIP_OPEN)
         grasp_pt = grip + [0.0, 0.0, self.grasp_dz]
-        a = self.grasp(grasp_pt + [0.0, 0.0, self.hammer_hover_h], grasp_pt, R_t, 60, hover_xy_tol=0.006)
+        a = self.grasp_phases(grasp_pt + [0.0, 0.0, self.hammer_hover_h], grasp_pt, R_t, 60, hover_xy_tol=0.006)
         if a is not None:
             return a
         # presenting: handle along world y, our grasp at the hand-over point, robot1's side free
@@ -601,7 +593,7 @@ class ReceiveArm(TransportArm):
             self.retry()
             return self.servo(pos, R_t, GRIP_OPEN)
         grasp_pt = cube + self.trash_grasp_off
-        a = self.grasp(grasp_pt + [0.0, 0.0, self.trash_hover_h], grasp_pt, R_t, 60, hover_xy_tol=0.006)
+        a = self.grasp_phases(grasp_pt + [0.0, 0.0, self.trash_hover_h], grasp_pt, R_t, 60, hover_xy_tol=0.006)
         if a is not None:
             return a
         d = self.trash_drop - cube[:2]
@@ -642,7 +634,7 @@ class ReceiveArm(TransportArm):
             self.goto("give_up")  # the hammer fell between the tables: nothing left to retry
             return self.servo(pos, R_t, GRIP_OPEN)
         grasp_pt = grip + [0.0, 0.0, self.grasp_dz]
-        a = self.grasp(grasp_pt - self.hover_h * R_t[:, 2], grasp_pt, R_t, 40)
+        a = self.grasp_phases(grasp_pt - self.hover_h * R_t[:, 2], grasp_pt, R_t, 40)
         if self.phase == "lift":  # closed: hold still until robot0 has opened and backed off
             if self.partner.let_go():
                 self.next_stage("place", "carry", R_grasp=R_t)
