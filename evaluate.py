@@ -62,11 +62,11 @@ def run_episodes(policy, env, episodes, steps, seed, desc=None):
 
 
 def evaluate_policy(policy, task, obs_mode, episodes=100, steps_list=(1,), n_envs=10, seed=100_000,
-                    max_episode_steps=None, terminate_on_success=True, progress=True):
+                    max_episode_steps=None, terminate_on_success=True, progress=True, workers=1):
     """Evaluate for each K in steps_list on the same episodes; returns one dict per K."""
     task = tasks.get_task(task)
     n_envs = max(1, min(n_envs, episodes))
-    env = tasks.ChunkVecEnv(task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps)
+    env = tasks.ChunkVecEnv(task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps, workers)
     was_training = policy.training
     policy.eval()
     rows = []
@@ -148,6 +148,7 @@ def parse_args(argv=None):
     p.add_argument("--episodes", type=int, default=100, help="episodes per step count")
     p.add_argument("--inference-steps", type=int, nargs="+", default=[1], help="step count(s) K to evaluate")
     p.add_argument("--n-envs", type=int, default=10, help="environments stepped in one vector")
+    p.add_argument("--env-workers", type=int, default=1, help="subprocesses the envs are split over (same numbers; robosuite gains on free cores)")
     p.add_argument("--seed", type=int, default=100_000, help="env i starts from seed + i; also seeds policy noise")
     p.add_argument("--max-episode-steps", type=int, default=None, help="env steps per episode (default: task table)")
     p.add_argument("--no-terminate-on-success", action="store_true", help="keep running after success")
@@ -174,7 +175,7 @@ def main(argv=None):
         if min(args.inference_steps) < 1 or args.episodes < 1:
             raise ValueError("--inference-steps and --episodes must be >= 1")
         rows = evaluate_policy(policy, task, obs_mode, args.episodes, args.inference_steps, args.n_envs, args.seed,
-                               args.max_episode_steps, not args.no_terminate_on_success)
+                               args.max_episode_steps, not args.no_terminate_on_success, workers=args.env_workers)
     except (ValueError, FileNotFoundError, tasks.TaskError) as e:
         sys.exit(f"error: {e}")
     for r in rows:

@@ -240,3 +240,9 @@ def test_lift_image_end_to_end(tmp_path):
     policy, saved = models.load_policy(str(out / "latest.pt"))
     assert policy.cfg.obs_mode == "image" and saved["task"] == "lift"
     assert any(k.startswith("vit.") for k in saved["critic"])                      # the critic has its own ViT
+
+
+def test_dense_reward_needs_episodes_that_continue_past_success(tmp_path):
+    ckpt = fresh_checkpoint(tmp_path / "pre.pt", "lift", "state")
+    with pytest.raises(SystemExit, match="--dense-reward .* --no-terminate-on-success"):
+        ft.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "ft"), "--dense-reward"])

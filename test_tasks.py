@@ -177,6 +177,30 @@ def test_vec_env_reports_falls_as_terminations():
             break
     assert len(episodes) >= 2 and all(0 < e["length"] < 1000 for e in episodes)
 
+def test_vec_env_worker_processes_match_the_synchronous_vector():
+    """workers=2 splits 3 envs into subprocess blocks [0] and [1, 2]: observations, rewards, dones, episodes (with
+    their global env index) and final observations must equal the in-process vector's, falls and resets included."""
+    rng = np.random.default_rng(0)
+    chunks = [rng.uniform(-1, 1, (3, 4, 3)) for _ in range(40)]
+    traces = []
+    for workers in (1, 2):
+        vec = ChunkVecEnv("hopper", n_envs=3, seed=2, max_episode_steps=30, workers=workers)
+        trace = [vec.reset(seed=7)["state"]]
+        for c in chunks:
+            obs, reward, done, info = vec.step(c)
+            trace += [obs["state"], reward, done, info["terminated"], info["steps"], info["final_obs"]["state"],
+                      [(e["env"], e["length"], round(e["return"], 9)) for e in info["episodes"]]]
+        vec.close()
+        traces.append(trace)
+    n_episodes = sum(len(x) for x in traces[0][7::7])
+    assert n_episodes >= 6  # episodes ended (by falls or the 30-step limit) and were reported
+    for x, y in zip(*traces):
+        if isinstance(x, list):
+            assert x == y
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
 
 def test_vec_env_robosuite_seeding_and_autoreset():
     rng = np.random.default_rng(0)
@@ -217,6 +241,21 @@ def test_terminate_on_success():
         else:
             assert not done[0] and info["steps"][0] == 4
         vec.close()
+
+
+def test_dense_reward_is_robosuites_shaped_reward():
+    """Sparse: 0 until success. Dense: a reaching term from the first step (scaled so that success pays 1)."""
+    sparse, dense = make_env("lift", seed=0), make_env("lift", seed=0, dense_reward=True)
+    sparse.reset(), dense.reset()
+    r_sparse, r_dense = sparse.step(np.zeros(7))[1], dense.step(np.zeros(7))[1]
+    assert r_sparse == 0.0 and 0.0 < r_dense < 0.5
+    sim_env = dense.sim_env
+    qpos = sim_env.sim.data.get_joint_qpos(sim_env.cube.joints[0]).copy()
+    qpos[2] = sim_env.model.mujoco_arena.table_offset[2] + 0.2
+    sim_env.sim.data.set_joint_qpos(sim_env.cube.joints[0], qpos)
+    sim_env.sim.forward()
+    assert dense.step(np.zeros(7))[1] == pytest.approx(1.0)
+    sparse.close(), dense.close()
 
 
 # ----------------------------------------------------------------------------------------------
