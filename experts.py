@@ -192,6 +192,21 @@ class ArmExpert:
             return self.servo(np.append(pos[:2] + d, carry_z), R_t, GRIP_CLOSE)
         return None
 
+    def release_phases(self, d, lower_z: float, lowered: bool, R_t, then: str) -> np.ndarray | None:
+        """"lower": hand down to lower_z while the object's xy offset d is servoed out, until `lowered`; then
+        "release": open in place for open_steps, then `then`. Returns an action, or None in other phases."""
+        pos = self.eef()[0]
+        if self.phase == "lower":
+            if lowered:
+                self.goto("release")
+                self.hold = pos
+            return self.servo(np.append(pos[:2] + d, lower_z), R_t, GRIP_CLOSE, vmax=0.6)
+        if self.phase == "release":
+            if self.t >= self.open_steps:
+                self.goto(then)
+            return self.servo(self.hold, R_t, GRIP_OPEN)
+        return None
+
     def common_phases(self, hold_R) -> np.ndarray | None:
         """Phases shared by all experts (recovery). Returns an action or None."""
         pos, _ = self.eef()
@@ -270,16 +285,10 @@ class CanExpert(ArmExpert):
         a = self.carry_phases(self.drop_xy - can[:2], self.carry_z, R_t)  # servo the *can's* xy onto the drop point
         if a is not None:
             return a
-        if self.phase == "lower":
-            d = self.drop_xy - can[:2]
-            if pos[2] < self.release_z + 0.01 or self.t > 60:
-                self.goto("open")
-                self.hold = pos
-            return self.servo(np.append(pos[:2] + d, self.release_z), R_t, GRIP_CLOSE, vmax=0.6)
-        if self.phase == "open":
-            if self.t >= self.open_steps:
-                self.goto("retreat")
-            return self.servo(self.hold, R_t, GRIP_OPEN)
+        a = self.release_phases(self.drop_xy - can[:2], self.release_z,
+                                pos[2] < self.release_z + 0.01 or self.t > 60, R_t, "retreat")
+        if a is not None:
+            return a
         if self.phase == "retreat":
             return self.servo(np.append(self.hold[:2], 1.1), R_t, GRIP_OPEN)
         raise ValueError(self.phase)
@@ -492,16 +501,10 @@ class UnpackArm(TransportArm):
         a = self.carry_phases(d, self.lid_lift_z, R_t, lift_tol=0.02)
         if a is not None:
             return a
-        if self.phase == "lower":
-            release_z = pos[2] + (0.8 + self.lid_release_h - handle[2])
-            if handle[2] < 0.8 + self.lid_release_h + 0.01 or self.t > 60:
-                self.goto("release")
-                self.hold = pos
-            return self.servo(np.append(pos[:2] + d, release_z), R_t, GRIP_CLOSE, vmax=0.6)
-        if self.phase == "release":
-            if self.t >= self.open_steps:
-                self.goto("rise")
-            return self.servo(self.hold, R_t, GRIP_OPEN)
+        a = self.release_phases(d, pos[2] + (0.8 + self.lid_release_h - handle[2]),
+                                handle[2] < 0.8 + self.lid_release_h + 0.01 or self.t > 60, R_t, "rise")
+        if a is not None:
+            return a
         if self.phase == "rise":  # straight up before heading for the hammer: the bin wall is in the way
             if pos[2] > self.carry_z - 0.03:
                 self.next_stage("hammer")
@@ -600,15 +603,10 @@ class ReceiveArm(TransportArm):
         a = self.carry_phases(d, self.trash_carry_z, R_t)
         if a is not None:
             return a
-        if self.phase == "lower":
-            if pos[2] < self.trash_release_z + 0.01 or self.t > 40:
-                self.goto("release")
-                self.hold = pos
-            return self.servo(np.append(pos[:2] + d, self.trash_release_z), R_t, GRIP_CLOSE, vmax=0.6)
-        if self.phase == "release":
-            if self.t >= self.open_steps:
-                self.goto("rise")
-            return self.servo(self.hold, R_t, GRIP_OPEN)
+        a = self.release_phases(d, self.trash_release_z, pos[2] < self.trash_release_z + 0.01 or self.t > 40,
+                                R_t, "rise")
+        if a is not None:
+            return a
         if self.phase == "rise":  # let the cube settle, then check it landed on the bin floor
             if self.t >= 15:
                 if self.transport.trash_in_trash_bin:
@@ -656,16 +654,10 @@ class ReceiveArm(TransportArm):
             if np.linalg.norm(d) < 0.015 and self.speed < 0.004:
                 self.goto("lower")
             return self.servo(np.append(pos[:2] + d, self.carry_z), R_t, GRIP_CLOSE)
-        if self.phase == "lower":
-            z = pos[2] + (self.place_z - middle[2])
-            if middle[2] < self.place_z + 0.01 or (self.t > 20 and self.speed < 0.0005) or self.t > 80:
-                self.goto("release")
-                self.hold = pos
-            return self.servo(np.append(pos[:2] + d, z), R_t, GRIP_CLOSE, vmax=0.6)
-        if self.phase == "release":
-            if self.t >= self.open_steps:
-                self.goto("retreat")
-            return self.servo(self.hold, R_t, GRIP_OPEN)
+        lowered = middle[2] < self.place_z + 0.01 or (self.t > 20 and self.speed < 0.0005) or self.t > 80
+        a = self.release_phases(d, pos[2] + (self.place_z - middle[2]), lowered, R_t, "retreat")
+        if a is not None:
+            return a
         if self.phase == "retreat":
             return self.servo(np.append(self.hold[:2], self.carry_z), R_t, GRIP_OPEN)
         raise ValueError(self.phase)
