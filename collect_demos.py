@@ -24,6 +24,11 @@ target (hopper 1500, walker2d 2500) is chosen, and its stochastic rollouts are w
     python collect_demos.py --task walker2d --transitions 1000000
     python collect_demos.py --task hopper --teacher runs/teacher/hopper_seed0/step_0176128.pt  # reuse one
 
+Files written here carry data attrs obs_layout = tasks.OBS_LAYOUT (robomimic v1.4.1 observation layout). To check
+that a robomimic file (e.g. a downloaded one) means the same thing in our env, replay its stored sim states:
+
+    python collect_demos.py --check-data FILE [--task can] [--demos 3]   # exit 0 fits, 1 does not, 2 bad file
+
 `collect(...)` is the programmatic entry point (used when a default dataset is missing); for locomotion
 its `episodes` argument is ignored (the size is `transitions`). To add a task, register an episode runner
 in RUNNERS (or a TeacherSpec in TEACHERS for a gym task).
@@ -31,7 +36,6 @@ in RUNNERS (or a TeacherSpec in TEACHERS for a gym task).
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -40,32 +44,30 @@ import sys
 import time
 import traceback
 
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-from torch import nn
-from torch.distributions import Normal
 from tqdm import tqdm
 
+import cli
 import tasks
 from experts import EXPERTS, KitchenExpert, sample_order, subtask_done
-from finetune import RewardScaler, RunningMeanStd
+from teacher import TEACHERS, collect_locomotion
 
 # ----------------------------------------------------------------------------- episodes
 def _robomimic_obs(env, task, images: bool, obs_rgb=None, force: bool = False) -> dict:
-    """Raw robosuite obs under robomimic's key names (every robot0_* / robot1_* key except proprio-state,
-    `object`, and `<camera>_image` HWC upright, taken from make_env's "rgb" so they match eval).
-    Without `force` this reads robosuite's observable caches (filled by the last step: no re-render)."""
+    """Observations under robomimic's key names. The state keys (robot<i>_eef_pos/_eef_quat/_gripper_qpos and
+    `object`) are the env's own, in tasks.OBS_LAYOUT (robomimic v1.4.1 order), computed from the sim state that
+    is stored next to them; the other robot<i>_* keys (joint positions, velocities, ...; not proprio-state) are
+    robosuite's observable caches, and `<camera>_image` (HWC upright) comes from make_env's "rgb" so it matches
+    eval. Without `force` the caches are those filled by the last step (no re-render)."""
     raw = env.sim_env._get_observations(force_update=force)
     out = {}
     for k, v in raw.items():
         if k.startswith("robot") and not k.endswith(("_proprio-state", "_image")):
             out[k] = np.array(v, dtype=np.float64)
-    out["object"] = np.array(raw["object-state"], dtype=np.float64)
+    out.update(env.layout_obs(with_object=True))
     if images:
         for i, cam in enumerate(task.cameras):
             out[f"{cam}_image"] = np.ascontiguousarray(obs_rgb[3 * i : 3 * i + 3].transpose(1, 2, 0))
@@ -168,310 +170,6 @@ def kitchen_metadata(task, seed: int, noise: float, stats: dict) -> dict:
             "mujoco_version": mujoco.__version__}
 
 
-# ----------------------------------------------------------------------------- locomotion teacher
-# Hopper/Walker2d have no scripted expert. A compact CleanRL-style PPO (ppo_continuous_action: 4 envs x 512
-# steps, 10 epochs of 64-sample minibatches, observation and reward normalisation) trains a teacher on the
-# CPU; a checkpoint (weights + obs-normalisation stats) is saved every ckpt_every env steps and scored by
-# the return of its *stochastic* policy, which is what the dataset contains (often far below the
-# deterministic return). The checkpoint closest to a D4RL-"medium" target is rolled out into a D4RL-layout
-# hdf5 file. Observations are stored raw (the teacher's normalisation stays in its checkpoint).
-@dataclass(frozen=True)
-class TeacherSpec:
-    target: float  # stochastic return of the "medium" teacher (D4RL medium ~ 1/3-1/2 of expert return)
-    max_steps: int  # PPO env steps at most; training stops once a checkpoint is within TARGET_TOL of target
-
-
-TEACHERS = {"hopper": TeacherSpec(target=1500.0, max_steps=1_000_000),
-            "walker2d": TeacherSpec(target=2500.0, max_steps=1_500_000)}
-TARGET_TOL = 0.1  # stop training at the first checkpoint whose stochastic return is within 10% of target
-GAMMA_ENV = 0.99  # PPO's per-step discount (tasks' gamma is per action chunk)
-
-
-def _layer(n_in: int, n_out: int, std: float = np.sqrt(2)) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out)
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-class TeacherAgent(nn.Module):
-    """CleanRL's Gaussian actor-critic: 64-64 tanh MLPs, state-independent log-std. The obs_mean/obs_var
-    buffers hold the observation-normalisation stats, so one state_dict is a complete teacher."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 64):
-        super().__init__()
-
-        def mlp(n_out, std):
-            return nn.Sequential(_layer(obs_dim, hidden), nn.Tanh(), _layer(hidden, hidden), nn.Tanh(),
-                                 _layer(hidden, n_out, std))
-
-        self.critic, self.actor = mlp(1, 1.0), mlp(act_dim, 0.01)
-        self.logstd = nn.Parameter(torch.zeros(act_dim))
-        self.register_buffer("obs_mean", torch.zeros(obs_dim, dtype=torch.float64))
-        self.register_buffer("obs_var", torch.ones(obs_dim, dtype=torch.float64))
-
-    def normalize(self, obs: np.ndarray) -> torch.Tensor:
-        """Raw observations -> normalised float32 tensor with the stored stats (clipped to +-10)."""
-        mean, var = self.obs_mean.numpy(), self.obs_var.numpy()
-        return torch.as_tensor(np.clip((obs - mean) / np.sqrt(var + 1e-8), -10, 10), dtype=torch.float32)
-
-    @torch.inference_mode()
-    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Action for one raw observation: the mean, plus Gaussian noise when rng is given (unclipped)."""
-        mean = self.actor(self.normalize(obs)).numpy().astype(np.float64)
-        return mean if rng is None else mean + np.exp(self.logstd.numpy()) * rng.standard_normal(mean.shape)
-
-
-def load_teacher(path, task) -> TeacherAgent:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    agent = TeacherAgent(task.obs_dim, task.act_dim)
-    agent.load_state_dict(ckpt["agent"])
-    return agent.eval()
-
-
-def train_teacher(task, total_steps: int, seed: int, ckpt_dir, ckpt_every: int, on_checkpoint=None,
-                  n_envs=4, n_steps=512, epochs=10, minibatch=64, lr=3e-4, lam=0.95, clip=0.2, progress=True):
-    """PPO on task's env. Every ckpt_every env steps: save ckpt_dir/step_XXXXXXX.pt and call
-    on_checkpoint(path, step) -> stop?  Returns the list of (step, path) saved."""
-    gamma = GAMMA_ENV
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    envs = [tasks.make_env(task, seed=seed + i) for i in range(n_envs)]
-    agent = TeacherAgent(task.obs_dim, task.act_dim)
-    opt = torch.optim.Adam(agent.parameters(), lr=lr, eps=1e-5, foreach=True)
-    obs_rms, reward_scaler = RunningMeanStd(task.obs_dim), RewardScaler(n_envs, gamma)
-    obs = np.stack([env.reset()["state"] for env in envs]).astype(np.float64)
-    obs_rms.update(obs)
-
-    def norm(o):
-        return np.clip((o - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -10, 10).astype(np.float32)
-
-    buf_obs = np.zeros((n_steps, n_envs, task.obs_dim), np.float32)
-    buf_act = np.zeros((n_steps, n_envs, task.act_dim), np.float32)
-    buf_logp, buf_val, buf_rew, buf_done = (np.zeros((n_steps, n_envs), np.float32) for _ in range(4))
-    ep_ret, recent = np.zeros(n_envs), deque(maxlen=20)
-    n_updates = -(-total_steps // (n_envs * n_steps))
-    step, next_ckpt, saved = 0, ckpt_every, []
-    bar = tqdm(total=n_updates * n_envs * n_steps, desc=f"{task.name} PPO teacher", unit="step",
-               dynamic_ncols=True, disable=not progress)
-    for update in range(n_updates):
-        opt.param_groups[0]["lr"] = lr * (1 - update / n_updates)  # linear annealing
-        for t in range(n_steps):  # ---- rollout
-            x = norm(obs)
-            with torch.no_grad():
-                xt = torch.from_numpy(x)
-                dist = Normal(agent.actor(xt), agent.logstd.exp(), validate_args=False)
-                action = dist.sample()
-                buf_logp[t], buf_val[t] = dist.log_prob(action).sum(-1), agent.critic(xt).squeeze(-1)
-            buf_obs[t], buf_act[t] = x, action
-            rew, done, final = np.zeros(n_envs), np.zeros(n_envs, bool), {}
-            for i, env in enumerate(envs):
-                o, rew[i], term, trunc, _ = env.step(action[i].numpy())  # make_env clips the action
-                o = o["state"]
-                ep_ret[i] += rew[i]
-                done[i] = term or trunc
-                if trunc and not term:
-                    final[i] = o  # time limit: bootstrap from the value of the final observation
-                if done[i]:
-                    recent.append(ep_ret[i])
-                    ep_ret[i] = 0.0
-                    o = env.reset()["state"]
-                obs[i] = o
-            obs_rms.update(obs)
-            buf_rew[t] = reward_scaler(rew, done)  # divide by the std of the running discounted return
-            if final:
-                with torch.no_grad():
-                    v = agent.critic(torch.from_numpy(norm(np.stack(list(final.values()))))).squeeze(-1)
-                buf_rew[t, list(final)] += gamma * v.numpy()
-            buf_done[t] = done
-        with torch.no_grad():  # ---- GAE
-            next_val = agent.critic(torch.from_numpy(norm(obs))).squeeze(-1).numpy()
-        adv, last = np.zeros_like(buf_rew), 0.0
-        for t in reversed(range(n_steps)):
-            nxt = next_val if t == n_steps - 1 else buf_val[t + 1]
-            delta = buf_rew[t] + gamma * nxt * (1 - buf_done[t]) - buf_val[t]
-            adv[t] = last = delta + gamma * lam * (1 - buf_done[t]) * last
-        b_obs, b_act = torch.from_numpy(buf_obs.reshape(-1, task.obs_dim)), torch.from_numpy(buf_act.reshape(-1, task.act_dim))
-        b_logp, b_val, b_adv = (torch.from_numpy(a.reshape(-1)) for a in (buf_logp, buf_val, adv))
-        b_ret = b_adv + b_val
-        n = len(b_obs)
-        for _ in range(epochs):  # ---- clipped-surrogate updates
-            for idx in np.split(rng.permutation(n), n // minibatch):
-                dist = Normal(agent.actor(b_obs[idx]), agent.logstd.exp(), validate_args=False)
-                ratio = (dist.log_prob(b_act[idx]).sum(-1) - b_logp[idx]).exp()
-                a = (b_adv[idx] - b_adv[idx].mean()) / (b_adv[idx].std() + 1e-8)
-                pg_loss = torch.max(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip)).mean()
-                v = agent.critic(b_obs[idx]).squeeze(-1)
-                v_clipped = b_val[idx] + (v - b_val[idx]).clamp(-clip, clip)
-                v_loss = 0.5 * torch.max((v - b_ret[idx]) ** 2, (v_clipped - b_ret[idx]) ** 2).mean()
-                opt.zero_grad()
-                (pg_loss + 0.5 * v_loss).backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
-                opt.step()
-        step += n_envs * n_steps
-        bar.update(n_envs * n_steps)
-        if recent:
-            bar.set_postfix(train_return=f"{np.mean(recent):.0f}", refresh=False)
-        if step >= next_ckpt or update == n_updates - 1:
-            next_ckpt += ckpt_every
-            agent.obs_mean.copy_(torch.from_numpy(obs_rms.mean))
-            agent.obs_var.copy_(torch.from_numpy(obs_rms.var))
-            path = ckpt_dir / f"step_{step:07d}.pt"
-            torch.save({"agent": agent.state_dict(), "step": step, "task": task.name, "seed": seed}, path)
-            saved.append((step, path))
-            if on_checkpoint is not None and on_checkpoint(path, step):
-                break
-    bar.close()
-    for env in envs:
-        env.close()
-    return saved
-
-
-def rollout(agent: TeacherAgent, task, seed: int, stochastic=True, transitions=None, episodes=None,
-            progress=False) -> dict:
-    """Run a teacher for `transitions` steps (recorded in D4RL layout) or for `episodes` episodes (returns
-    only). Observations are the raw env observations; actions the clipped actions the env executed."""
-    env = tasks.make_env(task, seed=seed)
-    rng = np.random.default_rng(seed) if stochastic else None
-    n = transitions or episodes * task.max_episode_steps
-    rec = transitions is not None
-    if rec:
-        data = {"observations": np.zeros((n, task.obs_dim), np.float32),
-                "actions": np.zeros((n, task.act_dim), np.float32), "rewards": np.zeros(n, np.float32),
-                "terminals": np.zeros(n, bool), "timeouts": np.zeros(n, bool)}
-    returns, lengths, ep_ret, ep_len = [], [], 0.0, 0
-    obs = env.reset()["state"]
-    bar = tqdm(total=n, desc=f"{task.name} rollout", unit="step", dynamic_ncols=True, disable=not progress)
-    t = 0
-    for t in range(n):
-        # float32, like the file: the stored action is then exactly the one the env executed
-        action = np.clip(agent.act(obs, rng), env.low, env.high).astype(np.float32)
-        next_obs, reward, term, trunc, _ = env.step(action)
-        next_obs = next_obs["state"]
-        if rec:
-            data["observations"][t], data["actions"][t], data["rewards"][t] = obs, action, reward
-            data["terminals"][t], data["timeouts"][t] = term, trunc and not term
-        ep_ret, ep_len = ep_ret + reward, ep_len + 1
-        obs = next_obs
-        if term or trunc:
-            returns.append(ep_ret)
-            lengths.append(ep_len)
-            ep_ret, ep_len = 0.0, 0
-            obs = env.reset()["state"]
-            if not rec and len(returns) >= episodes:
-                break
-        if t % 1000 == 999:
-            bar.update(1000)
-    bar.update(t + 1 - bar.n)
-    bar.close()
-    env.close()
-    out = {"returns": np.array(returns), "lengths": np.array(lengths, dtype=np.int64)}
-    if rec:
-        if ep_len:  # the buffer ends mid-episode: a time-out, not a termination
-            data["timeouts"][-1] = True
-        out["data"], out["tail_length"] = data, ep_len
-    return out
-
-
-def write_d4rl_hdf5(path, data: dict, metadata: dict):
-    """D4RL layout (observations, actions, rewards float32; terminals, timeouts bool) plus metadata/ attrs;
-    atomic: written to path + ".tmp", then renamed (the .tmp is removed if writing fails)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in data.items():
-                f.create_dataset(key, data=value)
-            meta = f.create_group("metadata")
-            for key, value in metadata.items():
-                meta.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def collect_locomotion(task_name, out=None, seed=0, transitions=200_000, teacher_steps=None,
-                       ckpt_every=25_000, target_return=None, teacher_dir=None, teacher=None,
-                       eval_episodes=10, progress=True) -> dict:
-    """Train a PPO teacher (or load `teacher`, a checkpoint path), pick the checkpoint whose stochastic
-    return is closest to the medium target, and write `transitions` of its stochastic rollouts to `out`."""
-    task = tasks.TASKS[task_name]
-    spec = TEACHERS[task_name]
-    out = out or task.default_dataset
-    target = float(target_return or spec.target)
-    teacher_steps = int(teacher_steps or spec.max_steps)
-    if transitions < 1 or teacher_steps < 1 or ckpt_every < 1 or eval_episodes < 1:
-        raise tasks.TaskError("--transitions, --teacher-steps, --ckpt-every and --eval-episodes must be >= 1")
-    if teacher is not None and not Path(teacher).is_file():
-        raise tasks.TaskError(f"{teacher}: teacher checkpoint not found")
-    if teacher is not None and (other := torch.load(teacher, map_location="cpu", weights_only=True)["task"]) != task_name:
-        raise tasks.TaskError(f"{teacher}: a {other} teacher, not {task_name}")
-    t0 = time.time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small MLPs: one thread is fastest and leaves the other core free
-    try:
-        scores = {}  # checkpoint path -> (step, stochastic return)
-
-        def score(path, step):
-            """Stochastic return of a checkpoint; True (stop training) if it is within tolerance of the
-            target. A hit is confirmed on 2x more fresh episodes (pooled mean), since stopping at the
-            first lucky 10-episode estimate would overrate the teacher (walker2d: std ~900 per episode)."""
-            agent = load_teacher(path, task)
-            ret = rollout(agent, task, seed + 10_000, episodes=eval_episodes)["returns"]
-            hit = abs(ret.mean() - target) <= TARGET_TOL * target
-            if hit:
-                ret = np.r_[ret, rollout(agent, task, seed + 15_000, episodes=2 * eval_episodes)["returns"]]
-                hit = abs(ret.mean() - target) <= TARGET_TOL * target
-            scores[path] = (step, float(ret.mean()))
-            if progress:
-                tqdm.write(f"  checkpoint {step:>8d} steps: stochastic return {ret.mean():7.1f} +- {ret.std():5.1f} "
-                           f"over {len(ret)} episodes (target {target:.0f}{', hit' if hit else ''})")
-            return hit
-
-        if teacher is None:
-            teacher_dir = teacher_dir or f"runs/teacher/{task_name}_seed{seed}"
-            train_teacher(task, teacher_steps, seed, teacher_dir, ckpt_every, score, progress=progress)
-            teacher = min(scores, key=lambda p: abs(scores[p][1] - target))
-        else:
-            score(teacher, int(torch.load(teacher, map_location="cpu", weights_only=True)["step"]))
-        teacher_minutes = (time.time() - t0) / 60
-        step, _ = scores[teacher]
-        agent = load_teacher(teacher, task)
-        stoch = rollout(agent, task, seed + 20_000, episodes=eval_episodes)["returns"]
-        det = rollout(agent, task, seed + 20_000, stochastic=False, episodes=eval_episodes)["returns"]
-        res = rollout(agent, task, seed + 30_000, transitions=transitions, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
-    import gymnasium
-    import mujoco
-
-    data, ret = res["data"], res["returns"]
-    metadata = {"task": task_name, "env_id": task.env_id, "seed": seed, "policy": "PPO teacher (collect_demos.py)",
-                "teacher_checkpoint": str(teacher), "teacher_steps": step, "target_return": target,
-                "teacher_return_stochastic": float(stoch.mean()), "teacher_return_deterministic": float(det.mean()),
-                "actions": "sampled from the Gaussian policy, clipped to the action space (as executed)",
-                "gymnasium_version": gymnasium.__version__, "mujoco_version": mujoco.__version__}
-    write_d4rl_hdf5(out, data, metadata)
-    stats = ret if len(ret) else np.zeros(1)
-    return {
-        "task": task_name, "out": str(out), "seed": seed, "teacher_checkpoint": str(teacher),
-        "teacher_steps": step, "teacher_minutes": teacher_minutes, "target_return": target,
-        "checkpoints": {int(s): round(r, 1) for s, r in sorted(scores.values())},  # step -> stochastic return
-        "teacher_return_stochastic": float(stoch.mean()), "teacher_return_stochastic_std": float(stoch.std()),
-        "teacher_return_deterministic": float(det.mean()), "transitions": int(len(data["actions"])),
-        "episodes": int(len(ret)), "tail_length": int(res["tail_length"]),
-        "return_mean": float(stats.mean()), "return_std": float(stats.std()),
-        "return_min": float(stats.min()), "return_max": float(stats.max()),
-        "mean_length": float(res["lengths"].mean()) if len(ret) else 0.0,
-        "terminals": int(data["terminals"].sum()), "timeouts": int(data["timeouts"].sum()),
-        "file_size_mb": os.path.getsize(out) / 2**20, "minutes": (time.time() - t0) / 60,
-    }
-
-
 # What makes each task's data: arm tasks register an episode runner (run by the worker pool), locomotion
 # tasks the PPO-teacher pipeline (collect() dispatches on TEACHERS). pretrain.py checks membership here.
 RUNNERS = {"lift": run_arm_episode, "can": run_arm_episode, "square": run_arm_episode, "transport": run_arm_episode,
@@ -559,9 +257,9 @@ def _write(out, episodes, env_args, keep_failures):
     side = str(out) + ".masks.tmp"
     try:
         if not keep_failures:
-            tasks.write_robomimic_hdf5(out, eps, env_args=env_args, compress_images=True)
+            tasks.write_robomimic_hdf5(out, eps, env_args=env_args, compress_images=True, obs_layout=tasks.OBS_LAYOUT)
             return
-        tasks.write_robomimic_hdf5(side, eps, env_args=env_args, compress_images=True)
+        tasks.write_robomimic_hdf5(side, eps, env_args=env_args, compress_images=True, obs_layout=tasks.OBS_LAYOUT)
         with h5py.File(side, "a") as f:
             for name, want in (("successful", True), ("failed", False)):
                 names = [f"demo_{i}" for i, ep in enumerate(episodes) if ep["success"] == want]
@@ -571,6 +269,21 @@ def _write(out, episodes, env_args, keep_failures):
         for tmp in (str(out) + ".tmp", side, side + ".tmp"):  # write_robomimic_hdf5 writes path + ".tmp"
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_missing(task_name, episodes, images, out) -> dict:
+    """What pretrain.py calls when a task's default dataset is missing: say what is being made (and the command
+    that makes it by hand), or refuse in one line (TaskError) when this task has no offline data maker."""
+    if task_name not in RUNNERS:
+        raise tasks.TaskError(f"no dataset for {task_name} at {out}: this task has no offline data maker yet; run "
+                              f"with --download (needs internet) or pass --dataset PATH to a DPPO/robomimic/D4RL file")
+    if task_name in TEACHERS:
+        print(f"{out} is missing: training a PPO teacher and rolling out 200k transitions "
+              f"(`python collect_demos.py --task {task_name}`; --demos does not apply)")
+    else:
+        print(f"{out} is missing: collecting {episodes} demos with collect_demos.py "
+              f"(`python collect_demos.py --task {task_name} --episodes {episodes}{' --images' if images else ''}`)")
+    return collect(task_name, episodes, images=images, out=out)
 
 
 def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, noise=0.05,
@@ -645,7 +358,7 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
     episodes_out = [ep for w in range(workers) for ep in kept[w]]
     if episodes_out and task.suite == "kitchen":  # D4RL layout, like the kitchen-*-v0 files tasks.py also reads
         meta = kitchen_metadata(task, seed, noise, {"episodes": len(episodes_out), "attempts": attempts})
-        write_d4rl_hdf5(out, kitchen_d4rl_columns(episodes_out), meta)
+        tasks.write_d4rl_hdf5(out, kitchen_d4rl_columns(episodes_out), meta)
     elif episodes_out:
         _write(out, episodes_out, env_args_for(task, images), keep_failures)
     minutes = (time.time() - t0) / 60.0
@@ -669,30 +382,195 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
     }
 
 
+# ----------------------------------------------------------------------------- --check-data
+ROBOSUITE_TASKS = {t.env_id: name for name, t in tasks.TASKS.items() if t.suite == "robosuite"}
+CHECK_TOL = 1e-3  # metres / quaternion units: replay of the file's own sim states must reproduce its obs this closely
+
+
+def _feature_slices(task) -> list:
+    """[(name, slice into the object vector)] in task.object_features order."""
+    out, start = [], 0
+    for name, width in task.object_features:
+        out.append((name, slice(start, start + width)))
+        start += width
+    return out
+
+
+def check_data(path, task_name: str | None = None, demos: int = 3, tol: float = CHECK_TOL) -> dict:
+    """Does a robomimic hdf5 file mean the same thing in our env? For the first `demos` demos, every stored sim
+    state (data/demo_*/states) is set into our env (reset, set_state_from_flattened, forward) and our observation
+    (tasks.OBS_LAYOUT, RobosuiteEnv.layout_obs) is compared with the file's stored obs/<key>.
+
+    Returns {"task", "file_layout", "demos", "steps", "diff": {key: per-dim max |ours - file|}, "bad": {key:
+    [dims > tol]}, "legacy": file's object = ours in robosuite 1.5's order, "moved": [(feature, file dims)],
+    "fits", "verdict"}. Problems with the file itself raise tasks.TaskError (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise tasks.TaskError(f"{path}: file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise tasks.TaskError(f"{path}: not a readable hdf5 file ({str(e).splitlines()[0][:120]})")
+    with f:
+        names = sorted((n for n in f["data"] if n.startswith("demo_")), key=lambda n: int(n.split("_")[1])) \
+            if "data" in f else []
+        if not names:
+            raise tasks.TaskError(f"{path}: not a robomimic file (no data/demo_*)")
+        env_name = None
+        try:
+            env_name = json.loads(f["data"].attrs.get("env_args", "{}")).get("env_name")
+        except (TypeError, ValueError, AttributeError):
+            pass
+        if task_name is None:
+            if env_name not in ROBOSUITE_TASKS:
+                raise tasks.TaskError(f"{path}: cannot tell the task from env_args (env_name {env_name!r}); "
+                                      f"pass --task ({', '.join(ROBOSUITE_TASKS.values())})")
+            task_name = ROBOSUITE_TASKS[env_name]
+        task = tasks.get_task(task_name)
+        if task.suite != "robosuite":
+            raise tasks.TaskError(f"--check-data replays robosuite sim states; task {task.name} is not a robosuite task")
+        if env_name is not None and env_name != task.env_id:
+            raise tasks.TaskError(f"{path}: recorded in {env_name}, but task {task.name} is {task.env_id}")
+        file_layout = tasks.robomimic_file_layout(f)
+        keys = list(task.proprio_keys) + ["object"]
+        stored, states, used = {k: [] for k in keys}, [], names[:max(1, demos)]
+        for name in used:
+            g = f[f"data/{name}"]
+            obs = g["obs"] if "obs" in g else {}
+            okey = "object" if "object" in obs else task.object_key
+            missing = [k for k in keys[:-1] if k not in obs] + ([] if okey in obs else ["object"])
+            if "states" not in g or missing:
+                raise tasks.TaskError(f"{path}: data/{name} lacks " + ", ".join(
+                    (["states"] if "states" not in g else []) + [f"obs/{k}" for k in missing]))
+            states.append(np.asarray(g["states"], dtype=np.float64))
+            for k in keys:
+                stored[k].append(np.asarray(obs[okey if k == "object" else k], dtype=np.float64).reshape(len(states[-1]), -1))
+    env = tasks.make_env(task, "state", seed=0)
+    try:
+        env.reset()
+        sim = env.sim_env.sim
+        size = len(sim.get_state().flatten())
+        ours = {k: [] for k in keys}
+        for name, st in zip(used, states):
+            if st.ndim != 2 or st.shape[1] != size:
+                raise tasks.TaskError(f"{path}: data/{name}/states have shape {st.shape}, our {task.env_id} sim state "
+                                      f"has {size} values (another robosuite/model version?); cannot replay")
+            for state in st:
+                sim.set_state_from_flattened(state)
+                sim.forward()
+                values = env.layout_obs(with_object=True)
+                for k in keys:
+                    ours[k].append(values[k])
+    finally:
+        env.close()
+    ours = {k: np.stack(v) for k, v in ours.items()}
+    stored = {k: np.concatenate(v) for k, v in stored.items()}
+    diff, bad = {}, {}
+    for k in keys:
+        if stored[k].shape != ours[k].shape:
+            raise tasks.TaskError(f"{path}: obs/{k} has {stored[k].shape[1]} dims per step, our {k} has {ours[k].shape[1]}")
+        diff[k] = np.abs(ours[k] - stored[k]).max(0)
+        if (diff[k] > tol).any():
+            bad[k] = np.flatnonzero(diff[k] > tol).tolist()
+    legacy, moved = False, []
+
+    def close(a, b):  # a known rearrangement: judged by the median over steps, so that files whose values lag
+        # a little (robosuite 1.5's observable caches) or flip a quaternion's sign at a few steps still match
+        return bool(np.median(np.abs(a - b), axis=0).max() <= 10 * tol)
+
+    if "object" in bad:
+        legacy = close(tasks.legacy_object_state(ours["object"], task), stored["object"])
+        width = stored["object"].shape[1]
+        for name, sl in _feature_slices(task):
+            if diff["object"][sl].max() <= tol:
+                continue
+            w = sl.stop - sl.start
+            for j in range(width - w + 1):
+                for sign in (1, -1):
+                    if close(sign * ours["object"][:, sl], stored["object"][:, j:j + w]):
+                        moved.append((name, f"{'-' if sign < 0 else ''}object[{j}:{j + w}]"))
+    steps = len(ours["object"])
+    if not bad:
+        verdict = (f"fits: {steps} stored states of {len(used)} demo(s) reproduce obs/{', obs/'.join(keys)} within "
+                   f"{tol:g} (max {max(d.max() for d in diff.values()):.2g}); our layout {tasks.OBS_LAYOUT}, "
+                   f"file {file_layout or 'unmarked'}")
+    else:
+        parts = [f"{k}{_dims(bad[k])} (max {diff[k].max():.3g})" for k in keys if k in bad]
+        verdict = f"does not fit: {', '.join(parts)} differ beyond {tol:g}"
+        if legacy:
+            verdict += (f"; obs/object matches our object rearranged into robosuite 1.5's object-state order "
+                        f"({tasks.LEGACY_OBS_LAYOUT}: this project's files before the v1.4.1 layout, robomimic *_v15 files)")
+        elif moved:
+            verdict += "; found elsewhere in the file's object: " + ", ".join(f"{n} at {w}" for n, w in moved)
+    return {"task": task.name, "file_layout": file_layout, "demos": used, "steps": steps, "diff": diff,
+            "bad": bad, "legacy": legacy, "moved": moved, "fits": not bad, "tol": tol, "verdict": verdict}
+
+
+def _dims(dims: list) -> str:
+    """[0, 1, 2, 7] -> "[0-2,7]"."""
+    runs, start = [], None
+    for i, d in enumerate(dims):
+        if start is None:
+            start = d
+        if i + 1 == len(dims) or dims[i + 1] != d + 1:
+            runs.append(f"{start}" if start == d else f"{start}-{d}")
+            start = None
+    return "[" + ",".join(runs) + "]"
+
+
+def print_check(path, report: dict) -> None:
+    task = tasks.TASKS[report["task"]]
+    print(f"{path}: task {task.name} ({task.env_id}), {report['steps']} states from {', '.join(report['demos'])}; "
+          f"max |ours - file| per dimension:")
+    rows = [(k, slice(0, len(report["diff"][k])), "") for k in task.proprio_keys]
+    rows += [(f"object[{sl.start}:{sl.stop}]", sl, name) for name, sl in _feature_slices(task)]
+    for label, sl, name in rows:
+        d = report["diff"]["object" if label.startswith("object[") else label][sl]
+        flag = "  <-- differs" if (d > report["tol"]).any() else ""
+        print(f"  {label:<20} {name:<23} " + " ".join(f"{x:.1e}" for x in d) + flag)
+    print(report["verdict"])
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", choices=sorted(RUNNERS), required=True, help="task to collect demos for")
-    p.add_argument("--episodes", type=int, default=100,
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=sorted(RUNNERS), default=None,
+                   help="task to collect demos for (with --check-data: default from the file's env_args)")
+    p.add_argument("--check-data", metavar="FILE", default=None,
+                   help="replay a robomimic hdf5's stored sim states in our env and compare its stored obs with ours "
+                        "(exit 0: fits, 1: does not fit, 2: bad file)")
+    p.add_argument("--demos", type=cli.positive_int, default=3, help="--check-data: how many demos to replay (default 3)")
+    p.add_argument("--tol", type=cli.positive_float, default=CHECK_TOL, help=f"--check-data: tolerance (default {CHECK_TOL:g})")
+    p.add_argument("--episodes", type=cli.positive_int, default=100,
                    help="number of successful demos wanted (arm tasks; locomotion uses --transitions)")
     p.add_argument("--images", action="store_true", help="also record 96x96 camera images of the task's cameras")
-    p.add_argument("--out", default=None, help="output hdf5 path (default: the task's default_dataset, *_img.hdf5 with --images)")
-    p.add_argument("--workers", type=int, default=2, help="parallel collection processes (one per core)")
+    p.add_argument("--out", type=cli.out_file, default=None, help="output hdf5 path (default: the task's default_dataset, *_img.hdf5 with --images)")
+    p.add_argument("--workers", type=cli.positive_int, default=2, help="parallel collection processes (one per core)")
     p.add_argument("--seed", type=int, default=0, help="base seed; worker w uses seed + 1000*w")
-    p.add_argument("--noise", type=float, default=0.05, help="std of Gaussian action noise (x0.3 on rotation)")
+    p.add_argument("--noise", type=cli.nonneg_float, default=0.05, help="std of Gaussian action noise (x0.3 on rotation)")
     p.add_argument("--keep-failures", action="store_true", help="also write failed episodes")
-    p.add_argument("--max-attempts", type=int, default=None, help="cap on attempts (default 2*episodes+20)")
+    p.add_argument("--max-attempts", type=cli.positive_int, default=None, help="cap on attempts (default 2*episodes+20)")
     g = p.add_argument_group(f"locomotion teacher ({', '.join(TEACHERS)})")
-    g.add_argument("--transitions", type=int, default=200_000, help="transitions in the dataset (default 200000)")
-    g.add_argument("--teacher-steps", type=int, default=None,
+    g.add_argument("--transitions", type=cli.positive_int, default=200_000, help="transitions in the dataset (default 200000)")
+    g.add_argument("--teacher-steps", type=cli.positive_int, default=None,
                    help="max PPO env steps (default per task: " + ", ".join(f"{k} {v.max_steps}" for k, v in TEACHERS.items())
                    + "); training stops at the first checkpoint within 10%% of the target")
-    g.add_argument("--ckpt-every", type=int, default=25_000, help="env steps between teacher checkpoints")
-    g.add_argument("--target-return", type=float, default=None,
+    g.add_argument("--ckpt-every", type=cli.positive_int, default=25_000, help="env steps between teacher checkpoints")
+    g.add_argument("--target-return", type=cli.finite_float, default=None,
                    help="stochastic return to aim for (default: " + ", ".join(f"{k} {v.target:.0f}" for k, v in TEACHERS.items()) + ")")
-    g.add_argument("--eval-episodes", type=int, default=10, help="stochastic episodes that score a checkpoint")
+    g.add_argument("--eval-episodes", type=cli.positive_int, default=10, help="stochastic episodes that score a checkpoint")
     g.add_argument("--teacher-dir", default=None, help="checkpoint folder (default runs/teacher/<task>_seed<seed>)")
     g.add_argument("--teacher", default=None, help="use this teacher checkpoint (.pt) instead of training one")
     args = p.parse_args()
+    if args.check_data:
+        try:
+            report = check_data(args.check_data, args.task, args.demos, args.tol)
+        except tasks.TaskError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        print_check(args.check_data, report)
+        raise SystemExit(0 if report["fits"] else 1)
+    if args.task is None:
+        p.error("--task is required (unless --check-data FILE)")
     teacher_kwargs = {}
     if args.task in TEACHERS:
         teacher_kwargs = dict(transitions=args.transitions, teacher_steps=args.teacher_steps, ckpt_every=args.ckpt_every,

@@ -1,4 +1,4 @@
-# Real-time one-step control of a Franka Panda/FR3 with a DMPO checkpoint (issue #8); README section "Deploying on a Franka".
+# Real-time one-step control of a Franka Panda/FR3 with a DMPO checkpoint; README section "Deploying on a Franka".
 """Run a trained one-step policy in a fixed-rate control loop, on the task's simulated Panda or on a real robot.
 
     python deploy_franka.py --ckpt runs/lift/ckpt.pt --backend sim --hz 20 --steps 400
@@ -37,7 +37,6 @@ the simulated one (this catches a wrong end-effector/TCP setting in Desk).
 The real-robot path (FrankyBackend, RealSenseCamera) is written against franky-control's and pyrealsense2's
 documented APIs but has NOT been run on hardware here; the sim path is what test_deploy.py checks.
 """
-import argparse
 import csv
 import gc
 import importlib
@@ -52,8 +51,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import cli
 import tasks
-from models import load_policy
+from models import CAPTURE_MODES, compile_act, load_policy
 
 CSV_COLUMNS = ["step", "t_s", "lag_ms", "period_ms", "loop_ms", "infer_ms", "send_ms", "obs_age_ms", "queue", "miss", "clamp",
                "cmd_x", "cmd_y", "cmd_z", "cmd_qx", "cmd_qy", "cmd_qz", "cmd_qw", "cmd_grip",
@@ -63,34 +63,39 @@ OUTSIDE_MARGIN = 0.02  # m: a measured pose this far outside the box means the a
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by pretrain.py / finetune.py")
     p.add_argument("--task", default=None, help="task name; overrides or fills in the checkpoint's own 'task'")
     p.add_argument("--backend", choices=("sim", "franky"), default="sim", help="robosuite Panda or a real robot via franky")
-    p.add_argument("--hz", type=float, default=20.0, help="control loop rate; the demos were recorded at 20 Hz")
-    p.add_argument("--steps", type=int, default=400, help="control periods to run (0 = until Ctrl-C)")
-    p.add_argument("--act-steps", type=int, default=None, help="actions executed per chunk before re-planning (default: the whole chunk)")
-    p.add_argument("--inference-steps", type=int, default=None, help="MeanFlow steps K per call (default: the checkpoint's, normally 1)")
-    p.add_argument("--watchdog-periods", type=float, default=3.0, help="stop and hold if no command went out for this many periods")
-    p.add_argument("--workspace", type=float, nargs=6, default=[-0.30, 0.35, -0.40, 0.40, 0.81, 1.25],
+    p.add_argument("--hz", type=cli.positive_float, default=20.0, help="control loop rate; the demos were recorded at 20 Hz")
+    p.add_argument("--steps", type=cli.nonneg_int, default=400, help="control periods to run (0 = until Ctrl-C)")
+    p.add_argument("--act-steps", type=cli.positive_int, default=None, help="actions executed per chunk before re-planning (default: the whole chunk)")
+    p.add_argument("--inference-steps", type=cli.positive_int, default=None, help="MeanFlow steps K per call (default: the checkpoint's, normally 1)")
+    p.add_argument("--watchdog-periods", type=cli.positive_float, default=3.0, help="stop and hold if no command went out for this many periods")
+    p.add_argument("--workspace", type=cli.finite_float, nargs=6, default=[-0.30, 0.35, -0.40, 0.40, 0.81, 1.25],
                    metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="eef box in the task's world frame (m)")
-    p.add_argument("--max-delta-pos", type=float, default=0.03, help="largest eef translation per step (m)")
-    p.add_argument("--max-delta-rot", type=float, default=0.25, help="largest eef rotation per step (rad)")
-    p.add_argument("--max-vel", type=float, default=0.5, help="eef speed limit (m/s); also franky's translation limit")
-    p.add_argument("--max-ang-vel", type=float, default=2.0, help="eef angular speed limit (rad/s); also franky's rotation limit")
+    p.add_argument("--max-delta-pos", type=cli.positive_float, default=0.03, help="largest eef translation per step (m)")
+    p.add_argument("--max-delta-rot", type=cli.positive_float, default=0.25, help="largest eef rotation per step (rad)")
+    p.add_argument("--max-vel", type=cli.positive_float, default=0.5, help="eef speed limit (m/s); also franky's translation limit")
+    p.add_argument("--max-ang-vel", type=cli.positive_float, default=2.0, help="eef angular speed limit (rad/s); also franky's rotation limit")
     p.add_argument("--dry-run", action="store_true", help="compute and log actions, never move (sim: never step)")
     p.add_argument("--execute", action="store_true", help="franky: allow real motion (asks for a typed confirmation)")
-    p.add_argument("--log", default=None, help="per-step CSV (default runs/deploy/<task>__<backend>__<time>.csv)")
+    p.add_argument("--log", type=cli.out_file, default=None, help="per-step CSV (default runs/deploy/<task>__<backend>__<time>.csv)")
     p.add_argument("--seed", type=int, default=0, help="torch noise and sim scene seed")
-    p.add_argument("--threads", type=int, default=1, help="torch threads; 1 keeps latency predictable on a shared CPU")
-    p.add_argument("--device", default="cpu", help="torch device for the policy")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads; 1 keeps latency predictable on a shared CPU")
+    p.add_argument("--device", type=cli.device, default="cpu", help="torch device for the policy")
+    p.add_argument("--capture", choices=("none",) + CAPTURE_MODES, default="none",
+                   help="run one-step inference through a captured graph (models.compile_act): trace = TorchScript "
+                        "trace + freeze (CPU; same actions up to float round-off, about 10-30%% faster per call), "
+                        "compile = torch.compile (slow to compile), graph = a CUDA graph (CUDA only), auto = graph on "
+                        "CUDA else trace; none = eager policy.act")
     p.add_argument("--robot-ip", default="172.16.0.2", help="franky: FCI address of the robot")
-    p.add_argument("--dynamics-factor", type=float, default=0.05, help="franky: relative velocity/acceleration/jerk factor (start low)")
-    p.add_argument("--max-force", type=float, default=20.0, help="franky: stop when the external eef force exceeds this (N)")
-    p.add_argument("--gripper-speed", type=float, default=0.05, help="franky: finger speed (m/s)")
-    p.add_argument("--gripper-force", type=float, default=20.0, help="franky: grasp force (N)")
+    p.add_argument("--dynamics-factor", type=cli.positive_float, default=0.05, help="franky: relative velocity/acceleration/jerk factor (start low)")
+    p.add_argument("--max-force", type=cli.positive_float, default=20.0, help="franky: stop when the external eef force exceeds this (N)")
+    p.add_argument("--gripper-speed", type=cli.positive_float, default=0.05, help="franky: finger speed (m/s)")
+    p.add_argument("--gripper-force", type=cli.positive_float, default=20.0, help="franky: grasp force (N)")
     p.add_argument("--no-home", action="store_true", help="franky: skip the move to robosuite's home joints and the frame check")
-    p.add_argument("--frame-tol", type=float, nargs=2, default=[0.02, 0.15], metavar=("M", "RAD"),
+    p.add_argument("--frame-tol", type=cli.nonneg_float, nargs=2, default=[0.02, 0.15], metavar=("M", "RAD"),
                    help="franky: allowed home-pose mismatch against the sim (m, rad)")
     p.add_argument("--camera", choices=("none", "realsense"), default="none", help="franky: image source for image policies")
     p.add_argument("--camera-serial", default=None, help="realsense: device serial when several are plugged in")
@@ -598,6 +603,10 @@ def resolve_task(args, policy, ckpt):
         raise SystemExit(f"error: checkpoint says obs_mode {ckpt['obs_mode']!r} but its policy is {cfg.obs_mode!r}")
     if task.suite != "robosuite" or task.robots != ("Panda",):
         raise SystemExit(f"error: task {task.name} is not a single-arm Panda task; deploy supports lift, can, square")
+    try:
+        tasks.check_layout(ckpt, task, args.ckpt)
+    except tasks.TaskError as e:
+        raise SystemExit(f"error: {e}") from None
     state_dim, _ = tasks.obs_dims(task, cfg.obs_mode)
     if (cfg.state_dim, cfg.act_dim) != (state_dim, task.act_dim):
         raise SystemExit(f"error: the policy takes {cfg.state_dim}-D state and emits {cfg.act_dim}-D actions, but task "
@@ -613,8 +622,8 @@ def load_object_source(args, task, obs_mode):
         n_obj = tasks.obs_dims(task, "state")[0] - 9
         raise SystemExit(f"error: this is a state policy: {n_obj} of its {n_obj + 9} inputs are object state "
                          f"('{task.object_key}') that the real robot does not measure. Deploy an image policy, or pass "
-                         "--object-source MODULE:FUNC, a function (proprio 9-D, world frame) -> object-state in "
-                         "robosuite's layout, e.g. from a tracker")
+                         "--object-source MODULE:FUNC, a function (proprio 9-D, world frame) -> the object vector in "
+                         "tasks.TASKS[task].object_features order (robomimic v1.4.1 layout), e.g. from a tracker")
     module, _, func = args.object_source.partition(":")
     return getattr(importlib.import_module(module), func)
 
@@ -664,8 +673,6 @@ def make_backend(args, task, obs_mode):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.hz <= 0 or args.steps < 0:
-        raise SystemExit("error: --hz must be > 0 and --steps >= 0")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     policy, ckpt = load_policy(args.ckpt, device=args.device)
@@ -673,6 +680,12 @@ def main(argv=None):
     obs_mode = policy.cfg.obs_mode
     if args.act_steps is not None and not 1 <= args.act_steps <= policy.cfg.chunk:
         raise SystemExit(f"error: --act-steps must be in [1, {policy.cfg.chunk}] (the policy's chunk)")
+    if args.capture != "none":  # captured after the checks above, so a refusal never waits for a capture
+        try:
+            policy = compile_act(policy, batch=1, steps=args.inference_steps, mode=args.capture)
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: --capture {args.capture}: {str(e).splitlines()[0]}") from None
+        print(f"policy captured ({policy.mode}, K={policy.steps})")
     limits = make_limits(args, 1.0 / args.hz)
     log_path = args.log or f"runs/deploy/{task.name}__{args.backend}__{int(time.time())}.csv"
     backend = None

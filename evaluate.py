@@ -10,7 +10,6 @@ replays exactly the same initial states and the same policy noise, so two runs p
 An episode succeeds if the task's success check fired at any step; by default it then ends (the success
 definition is unchanged by this; only returns and lengths are, see tasks.py / DPPO issue #32).
 """
-import argparse
 import csv
 import math
 import os
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import models
 import tasks
 
@@ -36,8 +36,9 @@ def wilson_interval(successes, n, z=1.96):
     return (0.0 if successes == 0 else lo), (1.0 if successes == n else hi)   # exact ends, no round-off
 
 
-def run_episodes(policy, env, episodes, steps, seed, desc=None):
-    """Roll `policy` with K=`steps` in a ChunkVecEnv until every env has finished its share of `episodes`.
+def run_episodes(policy, env, episodes, steps, seed, desc=None, act_steps=None):
+    """Roll `policy` with K=`steps` in a ChunkVecEnv until every env has finished its share of `episodes`, executing
+    the first `act_steps` actions of each chunk before re-planning (None: the whole chunk, as the reference does).
     Each env contributes the first ceil(episodes / n_envs) episodes it finishes (then the list is cut to
     `episodes` in env order), so short (successful) episodes cannot crowd out long ones."""
     n = env.n_envs
@@ -51,7 +52,7 @@ def run_episodes(policy, env, episodes, steps, seed, desc=None):
         t0 = time.perf_counter()
         chunks = policy.act(obs, steps=steps)
         call_ms.append(1000 * (time.perf_counter() - t0))
-        obs, _, _, info = env.step(chunks)
+        obs, _, _, info = env.step(chunks[:, :act_steps])
         for ep in info["episodes"]:
             if len(per_env[ep["env"]]) < quota:
                 per_env[ep["env"]].append(ep)
@@ -62,9 +63,12 @@ def run_episodes(policy, env, episodes, steps, seed, desc=None):
 
 
 def evaluate_policy(policy, task, obs_mode, episodes=100, steps_list=(1,), n_envs=10, seed=100_000,
-                    max_episode_steps=None, terminate_on_success=True, progress=True, workers=1):
-    """Evaluate for each K in steps_list on the same episodes; returns one dict per K."""
+                    max_episode_steps=None, terminate_on_success=True, progress=True, workers=1, act_steps=None):
+    """Evaluate for each K in steps_list on the same episodes; returns one dict per K. act_steps: actions executed
+    per chunk before re-planning (None = all Ta; deploy_franka.py --act-steps runs the same on the robot)."""
     task = tasks.get_task(task)
+    if act_steps is not None and not 1 <= act_steps <= task.chunk:
+        raise ValueError(f"--act-steps {act_steps}: expected 1..{task.chunk} (the chunk length of {task.name})")
     n_envs = max(1, min(n_envs, episodes))
     env = tasks.ChunkVecEnv(task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps, workers)
     was_training = policy.training
@@ -74,11 +78,13 @@ def evaluate_policy(policy, task, obs_mode, episodes=100, steps_list=(1,), n_env
         for k in steps_list:
             t0 = time.time()
             with torch.random.fork_rng():   # seed the policy noise without resetting the caller's training RNG
-                eps, call_ms = run_episodes(policy, env, episodes, k, seed, f"eval K={k}" if progress else None)
+                eps, call_ms = run_episodes(policy, env, episodes, k, seed, f"eval K={k}" if progress else None,
+                                            act_steps)
             succ = sum(e["success"] for e in eps)
             lo, hi = wilson_interval(succ, len(eps))
             returns = np.array([e["return"] for e in eps])
-            rows.append({"task": task.name, "obs_mode": obs_mode, "steps": k, "episodes": len(eps),
+            rows.append({"task": task.name, "obs_mode": obs_mode, "steps": k, "act_steps": act_steps or task.chunk,
+                         "episodes": len(eps),
                          "seed": seed, "n_envs": n_envs, "success_rate": succ / len(eps), "ci_low": lo,
                          "ci_high": hi, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
                          "length_mean": float(np.mean([e["length"] for e in eps])),
@@ -91,7 +97,7 @@ def evaluate_policy(policy, task, obs_mode, episodes=100, steps_list=(1,), n_env
     return rows
 
 
-def record_video(policy, task, obs_mode, path, episodes=2, steps=1, seed=100_000, max_episode_steps=None):
+def record_video(policy, task, obs_mode, path, episodes=2, steps=1, seed=100_000, max_episode_steps=None, act_steps=None):
     """Write the first `episodes` episodes of env 0 as one mp4 (gif if the name ends in .gif)."""
     import imageio
     env = tasks.make_env(task, obs_mode, seed, terminate_on_success=True, render_video=True,
@@ -103,7 +109,7 @@ def record_video(policy, task, obs_mode, path, episodes=2, steps=1, seed=100_000
         for ep in range(episodes):
             obs, done = env.reset(seed + ep), False
             while not done:
-                for action in policy.act(obs, steps=steps):
+                for action in policy.act(obs, steps=steps)[:act_steps]:
                     obs, _, term, trunc, _ = env.step(action)
                     frames.append(env.render())
                     done = term or trunc
@@ -114,6 +120,17 @@ def record_video(policy, task, obs_mode, path, episodes=2, steps=1, seed=100_000
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     imageio.mimsave(path, frames, fps=20)
     return path
+
+
+def embedding_report(policy, task, path, size=1024):
+    """Collapse statistics (models.embedding_stats) of the policy's observation embeddings on a fixed sample of a
+    dataset's observations (a held-out file shows how the encoder treats observations it never trained on)."""
+    data = tasks.load_dataset(path, task, policy.cfg.obs_mode)
+    states, images = data.probe(size)
+    dev = policy.state_min.device
+    stats = policy.embedding_stats(policy.normalize_state(torch.as_tensor(states, dtype=torch.float32, device=dev)),
+                                   None if images is None else torch.as_tensor(images, device=dev))
+    return {"emb_n": len(states), **{f"emb_{k}": v for k, v in stats.items()}}
 
 
 def write_csv(path, rows):
@@ -143,56 +160,72 @@ def format_table(rows):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint written by pretrain.py or finetune.py")
-    p.add_argument("--episodes", type=int, default=100, help="episodes per step count")
-    p.add_argument("--inference-steps", type=int, nargs="+", default=[1], help="step count(s) K to evaluate")
-    p.add_argument("--n-envs", type=int, default=10, help="environments stepped in one vector")
-    p.add_argument("--env-workers", type=int, default=1, help="subprocesses the envs are split over (same numbers; robosuite gains on free cores)")
+    p.add_argument("--episodes", type=cli.nonneg_int, default=100, help="episodes per step count (0: no rollouts, e.g. with --embedding-data)")
+    p.add_argument("--embedding-data", default=None, help="also report the collapse statistics of the policy's observation embeddings on this dataset (robomimic/D4RL hdf5, DPPO npz)")
+    p.add_argument("--probe-size", type=cli.positive_int, default=1024, help="observations of --embedding-data used")
+    p.add_argument("--inference-steps", type=cli.positive_int, nargs="+", default=[1], help="step count(s) K to evaluate")
+    p.add_argument("--act-steps", type=cli.positive_int, default=None, help="actions executed per chunk before re-planning (default: the whole chunk; as deploy_franka.py --act-steps)")
+    p.add_argument("--n-envs", type=cli.positive_int, default=10, help="environments stepped in one vector")
+    p.add_argument("--env-workers", type=cli.positive_int, default=1, help="subprocesses the envs are split over (same numbers; robosuite gains on free cores)")
     p.add_argument("--seed", type=int, default=100_000, help="env i starts from seed + i; also seeds policy noise")
-    p.add_argument("--max-episode-steps", type=int, default=None, help="env steps per episode (default: task table)")
+    p.add_argument("--max-episode-steps", type=cli.positive_int, default=None, help="env steps per episode (default: task table)")
     p.add_argument("--no-terminate-on-success", action="store_true", help="keep running after success")
     p.add_argument("--use-model", action="store_true", help="evaluate the raw weights instead of the EMA weights")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
-    p.add_argument("--csv", default=None, help="CSV to append to (default: <ckpt dir>/eval.csv)")
+    p.add_argument("--device", type=cli.device, default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
+    p.add_argument("--csv", type=cli.out_file, default=None, help="CSV to append to (default: <ckpt dir>/eval.csv)")
     p.add_argument("--video", action="store_true", help="also write <ckpt dir>/video_K<k>.mp4 of two episodes")
-    p.add_argument("--task", default=None, help="override the task stored in the checkpoint")
+    p.add_argument("--task", default=None, choices=sorted(tasks.TASKS), help="override the task stored in the checkpoint")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     try:
         device = models.resolve_device(args.device)
         policy, ckpt = models.load_policy(args.ckpt, device, use_ema=not args.use_model)
         task = args.task or ckpt.get("task")
         if task is None:
             raise ValueError(f"{args.ckpt} names no task; pass --task")
+        task = tasks.get_task(task)
+        tasks.check_layout(ckpt, task, args.ckpt)
         obs_mode = policy.cfg.obs_mode
-        if min(args.inference_steps) < 1 or args.episodes < 1:
-            raise ValueError("--inference-steps and --episodes must be >= 1")
-        rows = evaluate_policy(policy, task, obs_mode, args.episodes, args.inference_steps, args.n_envs, args.seed,
-                               args.max_episode_steps, not args.no_terminate_on_success, workers=args.env_workers)
+        cli.policy_fits_task(policy.cfg, task, tasks.obs_dims(task, obs_mode)[0],
+                             f"{args.ckpt} (trained for {ckpt.get('task', 'an unnamed task')})")
+        emb = embedding_report(policy, task, args.embedding_data, args.probe_size) if args.embedding_data else {}
+        rows = []
+        if args.episodes > 0:
+            rows = evaluate_policy(policy, task, obs_mode, args.episodes, args.inference_steps, args.n_envs,
+                                   args.seed, args.max_episode_steps, not args.no_terminate_on_success,
+                                   workers=args.env_workers, act_steps=args.act_steps)
     except (ValueError, FileNotFoundError, tasks.TaskError) as e:
         sys.exit(f"error: {e}")
+    if emb:
+        print(f"{args.ckpt}: embeddings ({policy.encoder.out_dim}-D) of {emb['emb_n']} observations of "
+              f"{args.embedding_data}: effective rank {emb['emb_eff_rank']:.2f}, nearest-neighbour / mean pairwise "
+              f"distance {emb['emb_nn_ratio']:.3f}, mean norm {emb['emb_norm']:.3f}")
+    if not rows:
+        return [emb]
     for r in rows:
         r.update(ckpt=args.ckpt, ckpt_step=ckpt["step"], weights="model" if args.use_model else "ema",
                  loss=policy.cfg.loss, alpha_disp=policy.cfg.alpha_disp, device=str(device),
-                 threads=torch.get_num_threads())
+                 threads=torch.get_num_threads(), **emb)
     out = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.csv")
     write_csv(out, rows)
     print(f"{args.ckpt} (step {ckpt['step']}, {rows[0]['task']}, {obs_mode}, {policy.cfg.loss}, "
           f"alpha_disp={policy.cfg.alpha_disp}): {args.episodes} episodes per K, seeds {args.seed}..{args.seed + rows[0]['n_envs'] - 1}, "
-          f"{rows[0]['n_envs']} envs, {'EMA' if not args.use_model else 'raw'} weights, device {device}")
+          f"{rows[0]['n_envs']} envs, {'EMA' if not args.use_model else 'raw'} weights, device {device}, "
+          f"{rows[0]['act_steps']} of {task.chunk} actions executed per chunk")
     print(format_table(rows))
     print(f"wrote {out}")
     if args.video:
         for k in args.inference_steps:
             path = record_video(policy, task, obs_mode, os.path.join(os.path.dirname(out), f"video_K{k}.mp4"),
-                                steps=k, seed=args.seed, max_episode_steps=args.max_episode_steps)
+                                steps=k, seed=args.seed, max_episode_steps=args.max_episode_steps,
+                                act_steps=args.act_steps)
             print(f"wrote {path}")
     return rows
 

@@ -4,10 +4,10 @@ robosuite (OSC_POSE, 7-D delta action per arm): small phase machines that read o
 simulator. Lift, Can and Square use one Panda; TwoArmTransport two (robot0 unpacks the hammer and hands it over,
 robot1 clears the trash and places the hammer). Per-episode randomness (gains, speed caps, hover heights,
 waypoint offsets, grasp durations, Gaussian action noise) makes the demonstrations vary like robomimic's
-multi-human ("MH") data. Facts and pitfalls: reference/scripted_demos.md.
+multi-human ("MH") data (Mandlekar et al. 2021, robomimic, arXiv 2108.03298).
 
 FrankaKitchen-v1 (9-D joint-velocity-like action): damped-least-squares IK on the MuJoCo model with a gravity
-feed-forward and joint-limit handling, driven by one generator per subtask (reference/kitchen.md):
+feed-forward and joint-limit handling, driven by one generator per subtask (kitchen tasks as in D4RL, Fu et al. 2020, arXiv 2004.07219):
   * the action a in [-1, 1]^9 sets a position-servo target q_obs + 2*a*dt (q_obs = the noisy observed joint
     positions, dt = 0.08 s); the servos have no gravity compensation and heavy joint damping, so the action is a
     joint velocity scaled by damping/kp plus a gravity feed-forward term;
@@ -961,6 +961,18 @@ def kettle(ex: KitchenExpert):
     yield from ex.move(p + 0.16 * back + [0, 0, 0.08], R_KFWD, 1.0, tol=0.04, timeout=10)
 
 
+def push_along_x(ex: KitchenExpert, site: str, qpos_index: int, stop: float, sign: float, vmax: float):
+    """Closed gripper already beside the handle: push along sign * x (tracking the site 6 cm behind it) until the
+    joint qpos[qpos_index] passes `stop` in that direction (30 steps at most), then back off 10 cm along -y."""
+    for _ in range(30):
+        if sign * (ex.qpos(qpos_index) - stop) > 0:
+            break
+        p, _ = ex.ee()
+        yield ex.ik(np.r_[ex.site_pos(site)[0] + sign * 0.06, p[1], p[2]], R_FWD, -1.0, vmax=vmax)
+    p, _ = ex.ee()
+    yield from ex.move(p + [0, -0.10, 0], R_FWD, -1.0, tol=0.03, timeout=10)
+
+
 def light_switch(ex: KitchenExpert):
     """Closed gripper: come in to the right of the lever tip, then push it towards -x."""
     tip = ex.site_pos("light_site")
@@ -968,14 +980,7 @@ def light_switch(ex: KitchenExpert):
         yield from ex.joint_move(LIGHT_HOME + ex.rng.uniform(-0.05, 0.05, 7), -1.0)
     yield from ex.move(tip + np.r_[0.07, -0.10, 0.0] + ex.jitter(0.01), R_FWD, -1.0, tol=0.025, timeout=30)
     yield from ex.move(tip + np.r_[0.06, 0.0, ex.rng.uniform(-0.01, 0.01)], R_FWD, -1.0, tol=0.015, timeout=15)
-    stop = ex.rng.uniform(-0.68, -0.62)
-    for _ in range(30):
-        if ex.qpos(17) < stop:
-            break
-        p, _ = ex.ee()
-        yield ex.ik(np.r_[ex.site_pos("light_site")[0] - 0.06, p[1], p[2]], R_FWD, -1.0, vmax=0.5)
-    p, _ = ex.ee()
-    yield from ex.move(p + [0, -0.10, 0], R_FWD, -1.0, tol=0.03, timeout=10)
+    yield from push_along_x(ex, "light_site", 17, ex.rng.uniform(-0.68, -0.62), -1.0, vmax=0.5)
 
 
 def slide_cabinet(ex: KitchenExpert):
@@ -983,14 +988,7 @@ def slide_cabinet(ex: KitchenExpert):
     h = ex.site_pos("slide_site")
     yield from ex.move(h + np.r_[-0.06, -0.10, 0.0] + ex.jitter(0.01), R_FWD, -1.0, tol=0.025, timeout=30)
     yield from ex.move(h + np.r_[-0.06, 0.0, ex.rng.uniform(-0.03, 0.03)], R_FWD, -1.0, tol=0.015, timeout=15)
-    stop = ex.rng.uniform(0.40, 0.43)
-    for _ in range(30):
-        if ex.qpos(19) > stop:
-            break
-        p, _ = ex.ee()
-        yield ex.ik(np.r_[ex.site_pos("slide_site")[0] + 0.06, p[1], p[2]], R_FWD, -1.0, vmax=0.6)
-    p, _ = ex.ee()
-    yield from ex.move(p + [0, -0.10, 0], R_FWD, -1.0, tol=0.03, timeout=10)
+    yield from push_along_x(ex, "slide_site", 19, ex.rng.uniform(0.40, 0.43), +1.0, vmax=0.6)
 
 
 def bottom_burner(ex: KitchenExpert):

@@ -5,8 +5,9 @@
     python finetune.py --ckpt ... --bc-coef 0                                       # no BC regularizer (ablation)
     python finetune.py --out runs/ft_lift_state_K1_bc0.05_s0 --resume --iterations 200
 
-The policy is the pretrained MeanFlow chain with noise injected at every denoising step (method.md §5, the
-ReinFlow frame DMPO uses): x_0 ~ N(0, I), x_{i+1} = clamp(x_i - (t_i - t_{i+1}) u(x_i, t_{i+1}, t_i | s)) + sigma_i eps,
+The policy is the pretrained MeanFlow chain with noise injected at every denoising step (DMPO paper, arXiv 2601.20701,
+fine-tuning section; the ReinFlow frame, arXiv 2505.22094, that the released code 91gaozhidao/dmpo
+model/flow/ft_ppo/ppomeanflow.py uses): x_0 ~ N(0, I), x_{i+1} = clamp(x_i - (t_i - t_{i+1}) u(x_i, t_{i+1}, t_i | s)) + sigma_i eps,
 with sigma_i from a small learned network bounded to [min_std, max_std]. Every transition is Gaussian, so the chain
 has an exact log-probability and PPO can train it. K = 1 (the one-step policy of the paper) by default.
 
@@ -16,7 +17,8 @@ critic -> [rollout n_steps chunks in n_envs envs -> running reward scaling -> GA
 The fine-tuned actor is saved as an ordinary MeanFlowPolicy ("model"/"ema"), so evaluate.py --ckpt reads it as is;
 the noise net, critic, frozen pretrained weights, optimizers and reward statistics ride along for --resume.
 
-Choices where this file departs from, or pins down, the reference (method.md §5):
+Choices where this file departs from, or pins down, the released code (91gaozhidao/dmpo, model/flow/ft_ppo/ and
+agent/finetune/reinflow/):
   * sigma is bounded by a tanh squash of the log-variance into [log min_std^2, log max_std^2] (ReinFlow's form), not a
     hard clamp, so a fresh noise net starts mid-range (~0.077) with a gradient instead of stuck at max_std.
   * The env receives clamp(x_K, -1, 1) but the stored chain keeps x_K unclamped, so the log-probability is exact.
@@ -29,7 +31,7 @@ Choices where this file departs from, or pins down, the reference (method.md §5
 """
 import argparse
 import copy
-import csv
+import dataclasses
 import math
 import sys
 import time
@@ -41,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import evaluate
 import models
 import tasks
@@ -50,98 +53,138 @@ RUN_CONTROL = ("iterations", "max_minutes", "eval_every", "eval_episodes", "eval
                "keep_every", "threads", "device", "out", "resume", "env_workers")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# ----------------------------------------------------------------------------- settings: every default in one place
+# A run's settings are the values below for its checkpoint's task and observation mode and the chosen --preset,
+# overridden by the flags typed. `python finetune.py --ckpt C [--preset paper] --help` shows the effective values;
+# a run prints them when it starts and stores them in its checkpoint ("args").
+#   cpu    (default) sized for a 2-core CPU: ~10x smaller rollouts per iteration than the released configs, so more
+#          iterations fit in an hour, and the actor lr raised from 3e-6 to 1e-5 to match.
+#   paper  the released configs (91gaozhidao/dmpo cfg/{robomimic,gym}/finetune/*/ft_ppo_meanflow_mlp*.yaml). They
+#          set 5 denoising steps; the paper reports one-step fine-tuning, so --ft-steps stays 1 in both presets.
+COMMON = dict(ft_steps=1, gae_lambda=0.95, critic_lr_warmup=25, critic_lr_cycle=100, actor_wd=0.0, update_epochs=10,
+              clip_coef=0.01, ent_coef=0.01, vf_coef=0.5, target_kl=0.01, max_grad_norm=25.0, critic_warmup=2,
+              min_std=0.05, max_std=0.12, noise_clip=3.0, logprob_clip=1.0, critic_hidden=256, bc_coef_final=0.05,
+              bc_decay_start=20, bc_decay_end=50, max_episode_steps=None)
+PAPER = {  # n_envs, n_steps (chunks per env per iteration), minibatch, actor lr, critic lr -> min, critic wd, iterations
+    "lift": (25, 400, 500, 3e-6, 4.5e-4, 3e-4, 0.0, 301), "can": (25, 500, 500, 2.5e-6, 4e-4, 2.5e-4, 0.0, 301),
+    "square": (25, 500, 500, 2.5e-6, 4e-4, 2.5e-4, 0.0, 301), "transport": (14, 800, 560, 3e-6, 4.5e-4, 3e-4, 0.0, 301),
+    "gym": (40, 500, 50000, 3e-6, 4.5e-4, 3e-4, 1e-5, 1000), "kitchen": (40, 200, 5600, 3e-6, 6.5e-4, 3e-4, 1e-5, 301),
+}
+
+
+def defaults(task, obs_mode="state", preset="cpu"):
+    """The default of every training setting for this task, observation mode and preset (the table above)."""
+    task = tasks.get_task(task)
+    kitchen = task.suite == "kitchen"
+    gym = task.suite == "gym" or kitchen             # kitchen is trained like gym
+    image = obs_mode == "image"
+    d = dict(COMMON, gamma=task.gamma, noise_hidden=[384] * 3 if image else [256] * 3,
+             bc_coef=0.2 if task.name in ("square", "transport") else 0.05)   # square/transport: 0.2 -> 0.05 (it. 20-50)
+    if preset == "paper":
+        n_envs, n_steps, mb, actor_lr, c_lr, c_min, c_wd, itrs = PAPER["kitchen" if kitchen else "gym" if gym else task.name]
+        d.update(n_envs=n_envs, n_steps=n_steps, minibatch_size=mb, actor_lr=actor_lr, critic_lr=c_lr, critic_lr_min=c_min,
+                 critic_wd=c_wd, iterations=itrs, critic_lr_warmup=10 if kitchen else 25)
+        return d
+    c_lr, c_min = {"can": (4e-4, 2.5e-4), "square": (4e-4, 2.5e-4)}.get(task.name, (6.5e-4, 3e-4) if kitchen else (4.5e-4, 3e-4))
+    d.update(iterations=300 if gym else 100, n_envs=4 if image else 10, n_steps=140 if kitchen else (250 if gym else 100),
+             minibatch_size=100 if image else (500 if gym else 250), actor_lr=1e-5, critic_lr=c_lr, critic_lr_min=c_min,
+             critic_wd=1e-5 if gym else 0.0)
+    return d
+
+
+def make_parser(task="lift", obs_mode="state", preset="cpu"):
+    """The flags, with the defaults of `defaults(task, obs_mode, preset)` (so --help shows the values a run would use)."""
+    d = defaults(task, obs_mode, preset)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
+                           epilog=f"Defaults shown are for task {task} ({obs_mode}), --preset {preset}; pass --ckpt "
+                                  f"(and --preset) before --help to see a checkpoint's.")
     p.add_argument("--ckpt", default=None, help="pretrained checkpoint (pretrain.py); its EMA weights are fine-tuned")
-    p.add_argument("--task", default=None, help="override the task stored in the checkpoint")
-    p.add_argument("--ft-steps", type=int, default=1, help="K: denoising steps of the fine-tuned chain (1 = one-step policy)")
+    p.add_argument("--task", default=None, choices=sorted(tasks.TASKS), help="override the task stored in the checkpoint")
+    p.add_argument("--preset", default=preset, choices=("cpu", "paper"), help="cpu: sized for a 2-core CPU; paper: the released configs")
+    p.add_argument("--ft-steps", type=cli.positive_int, default=d["ft_steps"], help="K: denoising steps of the fine-tuned chain (1 = one-step policy)")
     # rollout
-    p.add_argument("--iterations", type=int, default=None, help="PPO iterations (default: 300 gym, 100 robosuite)")
-    p.add_argument("--max-minutes", type=float, default=0, help="stop (save, evaluate) once the run's wall time, resumes included, exceeds this; 0 = off")
-    p.add_argument("--n-envs", type=int, default=None, help="parallel envs (reference 25/40; default 10 state, 4 image)")
-    p.add_argument("--n-steps", type=int, default=None, help="chunks per env per iteration (reference 400-500; default 250 gym, 100 robosuite)")
-    p.add_argument("--env-workers", type=int, default=1, help="subprocesses the training/eval envs are split over (robosuite: one per free core)")
-    p.add_argument("--max-episode-steps", type=int, default=None, help="env steps per episode (default: task table)")
+    p.add_argument("--iterations", type=cli.positive_int, default=d["iterations"], help="PPO iterations")
+    p.add_argument("--max-minutes", type=cli.nonneg_float, default=0, help="stop (save, evaluate) once the run's wall time, resumes included, exceeds this; 0 = off")
+    p.add_argument("--n-envs", type=cli.positive_int, default=d["n_envs"], help="parallel envs")
+    p.add_argument("--n-steps", type=cli.positive_int, default=d["n_steps"], help="chunks per env per iteration")
+    p.add_argument("--env-workers", type=cli.positive_int, default=1, help="subprocesses the training/eval envs are split over (robosuite: one per free core)")
+    p.add_argument("--max-episode-steps", type=cli.positive_int, default=d["max_episode_steps"], help="env steps per episode (None: the task table's)")
     p.add_argument("--dense-reward", action="store_true", help="robosuite: train on its shaped reach/grasp/lift reward instead of the sparse success reward (the reference)")
     p.add_argument("--terminate-on-success", action=argparse.BooleanOptionalAction, default=True,
                    help="end robosuite episodes at success (like evaluation); --no-... is the reference's never-done wrapper")
     # PPO
-    p.add_argument("--gamma", type=float, default=None, help="discount per chunk (default: task table, 0.999 robosuite, 0.99 gym)")
-    p.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda")
-    p.add_argument("--actor-lr", type=float, default=None, help="actor + noise-net lr (reference 3e-6; default 1e-5 for short CPU runs)")
-    p.add_argument("--critic-lr", type=float, default=None, help="critic peak lr (reference 4.5e-4; 4e-4 can/square)")
-    p.add_argument("--critic-lr-min", type=float, default=None, help="critic cosine floor (reference 3e-4; 2.5e-4 can/square)")
-    p.add_argument("--critic-lr-warmup", type=int, default=25, help="critic lr warm-up iterations per cosine cycle")
-    p.add_argument("--critic-lr-cycle", type=int, default=100, help="critic cosine cycle length in iterations (restarts)")
-    p.add_argument("--actor-wd", type=float, default=0.0, help="AdamW weight decay of the actor")
-    p.add_argument("--critic-wd", type=float, default=None, help="AdamW weight decay of the critic (reference 1e-5 gym, 0 robosuite)")
-    p.add_argument("--update-epochs", type=int, default=10, help="PPO epochs over each rollout")
-    p.add_argument("--minibatch-size", type=int, default=None, help="chunks per minibatch (default 500 gym, 250 robosuite state, 100 image)")
-    p.add_argument("--clip-coef", type=float, default=0.01, help="PPO ratio clip (on the dimension-normalized log-prob)")
-    p.add_argument("--ent-coef", type=float, default=0.01, help="entropy bonus weight")
-    p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
-    p.add_argument("--target-kl", type=float, default=0.01, help="stop the update once a minibatch's approx KL exceeds this (0 = off)")
-    p.add_argument("--max-grad-norm", type=float, default=25.0, help="gradient clipping, actor and critic separately")
-    p.add_argument("--critic-warmup", type=int, default=2, help="first iterations train only the critic")
+    p.add_argument("--gamma", type=cli.unit_interval_closed_above, default=d["gamma"], help="discount per chunk")
+    p.add_argument("--gae-lambda", type=cli.probability, default=d["gae_lambda"], help="GAE lambda")
+    p.add_argument("--actor-lr", type=cli.positive_float, default=d["actor_lr"], help="actor + noise-net lr (the released configs: 2.5e-6-3e-6)")
+    p.add_argument("--critic-lr", type=cli.positive_float, default=d["critic_lr"], help="critic peak lr")
+    p.add_argument("--critic-lr-min", type=cli.positive_float, default=d["critic_lr_min"], help="critic cosine floor")
+    p.add_argument("--critic-lr-warmup", type=cli.nonneg_int, default=d["critic_lr_warmup"], help="critic lr warm-up iterations per cosine cycle")
+    p.add_argument("--critic-lr-cycle", type=cli.positive_int, default=d["critic_lr_cycle"], help="critic cosine cycle length in iterations (restarts)")
+    p.add_argument("--actor-wd", type=cli.nonneg_float, default=d["actor_wd"], help="AdamW weight decay of the actor")
+    p.add_argument("--critic-wd", type=cli.nonneg_float, default=d["critic_wd"], help="AdamW weight decay of the critic")
+    p.add_argument("--update-epochs", type=cli.positive_int, default=d["update_epochs"], help="PPO epochs over each rollout")
+    p.add_argument("--minibatch-size", type=cli.positive_int, default=d["minibatch_size"], help="chunks per minibatch")
+    p.add_argument("--clip-coef", type=cli.positive_float, default=d["clip_coef"], help="PPO ratio clip (on the dimension-normalized log-prob)")
+    p.add_argument("--ent-coef", type=cli.nonneg_float, default=d["ent_coef"], help="entropy bonus weight")
+    p.add_argument("--vf-coef", type=cli.nonneg_float, default=d["vf_coef"], help="value loss weight")
+    p.add_argument("--target-kl", type=cli.nonneg_float, default=d["target_kl"], help="stop the update once a minibatch's approx KL exceeds this (0 = off)")
+    p.add_argument("--max-grad-norm", type=cli.positive_float, default=d["max_grad_norm"], help="gradient clipping, actor and critic separately")
+    p.add_argument("--critic-warmup", type=cli.nonneg_int, default=d["critic_warmup"], help="first iterations train only the critic")
     p.add_argument("--reward-scaling", action=argparse.BooleanOptionalAction, default=True,
                    help="divide rewards by the running std of the discounted return (clip +-10)")
     # noise injection / log-probability
-    p.add_argument("--min-std", type=float, default=0.05, help="lower bound of the injected noise std (normalized actions)")
-    p.add_argument("--max-std", type=float, default=0.12, help="upper bound of the injected noise std")
-    p.add_argument("--noise-clip", type=float, default=3.0, help="injected standard-normal noise is clipped to +-this")
-    p.add_argument("--logprob-clip", type=float, default=1.0, help="clamp the normalized log-prob to +-this (0 = off)")
-    p.add_argument("--noise-hidden", type=int, nargs="+", default=None, help="noise-net MLP widths (default 256x3 state, 384x3 image)")
-    p.add_argument("--critic-hidden", type=int, default=256, help="critic residual-MLP width")
+    p.add_argument("--min-std", type=cli.positive_float, default=d["min_std"], help="lower bound of the injected noise std (normalized actions)")
+    p.add_argument("--max-std", type=cli.positive_float, default=d["max_std"], help="upper bound of the injected noise std")
+    p.add_argument("--noise-clip", type=cli.positive_float, default=d["noise_clip"], help="injected standard-normal noise is clipped to +-this")
+    p.add_argument("--logprob-clip", type=cli.nonneg_float, default=d["logprob_clip"], help="clamp the normalized log-prob to +-this (0 = off)")
+    p.add_argument("--noise-hidden", type=cli.positive_int, nargs="+", default=d["noise_hidden"], help="noise-net MLP widths")
+    p.add_argument("--critic-hidden", type=cli.positive_int, default=d["critic_hidden"], help="critic residual-MLP width")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="image tasks: random-shift the rollout images once per iteration before the update")
     # BC regularizer
-    p.add_argument("--bc-coef", type=float, default=None, help="BC-to-pretrained weight at the start (0 = ablation; default 0.05, 0.2 square/transport)")
-    p.add_argument("--bc-coef-final", type=float, default=None, help="BC weight after the decay (default: --bc-coef; 0.05 square/transport)")
-    p.add_argument("--bc-decay-start", type=int, default=20, help="iteration where the linear BC decay starts")
-    p.add_argument("--bc-decay-end", type=int, default=50, help="iteration where the BC weight reaches --bc-coef-final")
+    p.add_argument("--bc-coef", type=cli.nonneg_float, default=d["bc_coef"], help="BC-to-pretrained weight at the start (0 = ablation)")
+    p.add_argument("--bc-coef-final", type=cli.nonneg_float, default=d["bc_coef_final"], help="BC weight after the decay (a typed --bc-coef alone is constant)")
+    p.add_argument("--bc-decay-start", type=cli.nonneg_int, default=d["bc_decay_start"], help="iteration where the linear BC decay starts")
+    p.add_argument("--bc-decay-end", type=cli.nonneg_int, default=d["bc_decay_end"], help="iteration where the BC weight reaches --bc-coef-final")
     # bookkeeping
-    p.add_argument("--eval-every", type=int, default=10, help="iterations between evaluations (0 = only before and after)")
-    p.add_argument("--eval-episodes", type=int, default=50, help="episodes per evaluation (0 disables evaluation)")
-    p.add_argument("--eval-envs", type=int, default=10, help="environments per evaluation vector")
+    p.add_argument("--eval-every", type=cli.nonneg_int, default=10, help="iterations between evaluations (0 = only before and after)")
+    p.add_argument("--eval-episodes", type=cli.nonneg_int, default=50, help="episodes per evaluation (0 disables evaluation)")
+    p.add_argument("--eval-envs", type=cli.positive_int, default=10, help="environments per evaluation vector")
     p.add_argument("--eval-seed", type=int, default=100_000, help="evaluation seed (as evaluate.py)")
     p.add_argument("--seed", type=int, default=0, help="seed for torch/numpy and the training envs")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/ft_<task>_<obs>_K<K>_bc<coef>_s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue <out>/latest.pt (settings from it; only run-control flags apply)")
-    p.add_argument("--save-every", type=int, default=5, help="iterations between writes of latest.pt (and always at the end)")
-    p.add_argument("--keep-every", type=int, default=0, help="also keep itr_<N>.pt every this many iterations (0 = never)")
-    return p.parse_args(argv)
+    p.add_argument("--device", type=cli.device, default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
+    p.add_argument("--out", type=cli.out_dir, default=None, help="run directory (default: runs/ft_<task>_<obs>_K<K>_bc<coef>_s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue <out>/latest.pt: training settings come from it; only --iterations, --max-minutes, the eval/save intervals, --env-workers, --threads and --device may change (a differing training flag is an error)")
+    p.add_argument("--save-every", type=cli.positive_int, default=5, help="iterations between writes of latest.pt (and always at the end)")
+    p.add_argument("--keep-every", type=cli.nonneg_int, default=0, help="also keep itr_<N>.pt every this many iterations (0 = never)")
+    return p
 
 
-def task_defaults(task, obs_mode):
-    """method.md §5 values, scaled to a 2-core CPU: fewer envs/chunks per iteration (the reference collects 40k-80k
-    env steps per iteration), so fewer iterations fit in an hour and the actor lr is raised from 3e-6 to 1e-5."""
-    kitchen = task.suite == "kitchen"  # trained like gym (reference: 200 chunks per iteration, ~70 per episode)
-    gym = task.suite == "gym" or kitchen
-    image = obs_mode == "image"
-    decaying_bc = task.name in ("square", "transport")
-    lr_pair = {"can": (4e-4, 2.5e-4), "square": (4e-4, 2.5e-4)}.get(task.name, (6.5e-4, 3e-4) if kitchen else (4.5e-4, 3e-4))
-    return {
-        "iterations": 300 if gym else 100,
-        "n_envs": 4 if image else 10,
-        "n_steps": 140 if kitchen else (250 if gym else 100),
-        "minibatch_size": 100 if image else (500 if gym else 250),
-        "actor_lr": 1e-5,
-        "critic_lr": lr_pair[0],
-        "critic_lr_min": lr_pair[1],
-        "critic_wd": 1e-5 if gym else 0.0,
-        "bc_coef": 0.2 if decaying_bc else 0.05,
-        "bc_coef_final": 0.05,
-        "noise_hidden": [384] * 3 if image else [256] * 3,
-    }
+def parser_for(argv, task=None, obs_mode=None):
+    """The parser whose defaults are those of the run's task and observation mode (given, or read from the --ckpt
+    named in argv when it can be read; lift/state otherwise) and the --preset named in argv."""
+    sel = cli.selectors(argv, ckpt=None, task=None, preset="cpu", choices={"task": sorted(tasks.TASKS) + [None],
+                                                                          "preset": ["cpu", "paper"]})
+    if task is None and sel["ckpt"]:
+        try:
+            ck = models.load_checkpoint(sel["ckpt"])
+            task, obs_mode = ck.get("task"), ck["config"].get("obs_mode", "state")
+        except (ValueError, FileNotFoundError):
+            pass                                   # reported in one line when the run loads it
+    return make_parser(sel["task"] or task or "lift", obs_mode or "state", sel["preset"])
+
+
+def parse_args(argv=None):
+    return parser_for(argv).parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- schedules
 
 def bc_coef_at(itr, coef, coef_final, decay_start, decay_end):
     """BC weight at iteration `itr`: `coef` up to decay_start, linear to `coef_final` at decay_end, then constant
-    (method.md §5 `update_bc_coeff`: square/transport 0.2 -> 0.05 between iterations 20 and 50)."""
+    (91gaozhidao/dmpo agent/finetune/reinflow/train_ppo_meanflow_agent.py `update_bc_coeff`: square/transport 0.2 -> 0.05
+    between iterations 20 and 50)."""
     if itr <= decay_start or decay_end <= decay_start:
         return coef if itr <= decay_start else coef_final
     if itr >= decay_end:
@@ -150,7 +193,7 @@ def bc_coef_at(itr, coef, coef_final, decay_start, decay_end):
 
 
 def cosine_warmup_restarts(itr, lr_max, lr_min, cycle, warmup):
-    """Critic lr (method.md §5): per cycle, linear lr_min -> lr_max over `warmup` iterations, then cosine to lr_min."""
+    """Critic lr (the released finetune configs' CosineAnnealingWarmupRestarts): per cycle, linear lr_min -> lr_max over `warmup` iterations, then cosine to lr_min."""
     pos = (itr - 1) % max(cycle, 1)
     if pos < warmup:
         return lr_min + (lr_max - lr_min) * pos / max(warmup, 1)
@@ -162,7 +205,7 @@ def cosine_warmup_restarts(itr, lr_max, lr_min, cycle, warmup):
 
 class NoiseNet(nn.Module):
     """sigma(x_i, s, t_i): input [x_i flattened || cond_emb || time embedding of t_i] -> Tanh MLP -> log-variance,
-    squashed by tanh into [log min_std^2, log max_std^2] (ReinFlow's bounded form of method.md §5's clamp, which keeps
+    squashed by tanh into [log min_std^2, log max_std^2] (ReinFlow's bounded form of the released code's clamp, which keeps
     a gradient everywhere; a hard clamp would pin a freshly initialized net at max_std with zero gradient)."""
 
     def __init__(self, cond_dim, chunk, act_dim, hidden=(256, 256, 256), min_std=0.05, max_std=0.12, time_dim=16):
@@ -182,7 +225,7 @@ class NoiseNet(nn.Module):
 
 def chain_times(k, device):
     """(t_i, t_{i+1}) for i = 0..K-1 with t = linspace(1, 0, K+1), the grid of MeanFlowPolicy.sample; each
-    deterministic step is policy.denoise_step (method.md §5: mu_i = clamp(x_i - (t_i - t_{i+1}) u, -1, 1))."""
+    deterministic step is policy.denoise_step (mu_i = clamp(x_i - (t_i - t_{i+1}) u, -1, 1), as model/flow/ft_ppo/ppomeanflow.py)."""
     ts = torch.linspace(1.0, 0.0, k + 1, device=device)
     return ts[:-1], ts[1:]
 
@@ -227,14 +270,14 @@ def chain_log_prob(policy, noise_net, cond, chain):
 
 
 def normalize_log_prob(lp, k, dims, clip=1.0):
-    """Reference normalization (method.md §5): divide by (K+1) * Ta * Da, then clamp to [-clip, clip]."""
+    """The released code's normalization (model/flow/ft_ppo/ppoflow.py): divide by (K+1) * Ta * Da, then clamp to [-clip, clip]."""
     lp = lp / ((k + 1) * dims)
     return lp.clamp(-clip, clip) if clip > 0 else lp
 
 
 @torch.no_grad()
 def reference_action(policy_old, state_n, rgb, k):
-    """Action of the frozen pretrained policy from zero noise (the BC target, method.md §5 "W2")."""
+    """Action of the frozen pretrained policy from zero noise (the BC target, the paper's W2 regularizer to the pretrained policy)."""
     cond = policy_old.encode(state_n, rgb)
     zeros = torch.zeros(cond.shape[0], policy_old.cfg.chunk, policy_old.cfg.act_dim, device=cond.device)
     return policy_old.sample(cond, k, noise=zeros)
@@ -249,7 +292,7 @@ def bc_loss(policy, cond, a_old, k):
 
 @torch.no_grad()
 def compute_gae(rewards, values, dones, boot, next_value, gamma, lam):
-    """GAE over chunk steps (method.md §5), tensors (T, N) in time order per env:
+    """GAE over chunk steps (Schulman et al. 2016; per chunk as DPPO, arXiv 2409.00588), tensors (T, N) in time order per env:
         delta_t = r_t + gamma * V' - V(s_t),   A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1},
     with V' = V(s_{t+1}) while the episode goes on, V(final obs) on truncation (`boot`, a time limit is not a
     terminal state), and 0 on termination (boot = 0). The trace is cut at every episode end either way, because the
@@ -268,68 +311,20 @@ def compute_gae(rewards, values, dones, boot, next_value, gamma, lam):
 
 # ----------------------------------------------------------------------------- critic
 
-class StateCritic(nn.Module):
-    """CriticObs (method.md §5): ResidualMLP [obs, 256, 256, 256, 1] on the normalized state."""
-
-    def __init__(self, state_dim, hidden=256):
-        super().__init__()
-        self.net = models.ResidualMLP(state_dim, hidden, 1, n_blocks=1)
-
-    def forward(self, state_n, rgb=None):
-        return self.net(state_n).squeeze(-1)
-
-
-class ImageCritic(nn.Module):
-    """ViTCritic (method.md §5): its own light ViT + SpatialEmb(128), then ResidualMLP [128 + obs, 256, 256, 256, 1]."""
+class Critic(nn.Module):
+    """V(s), trained from scratch: the released code's CriticObs / ViTCritic (91gaozhidao/dmpo model/common/critic.py),
+    a ResidualMLP [in, 256, 256, 256, 1] on the normalized state or, for images, on an encoder of its own built like the
+    policy's (models.ImageEncoder: light ViT + SpatialEmb || state), without augmentation or dropout inside."""
 
     def __init__(self, cfg, hidden=256):
         super().__init__()
-        self.vit = models.LightViT(3 * cfg.n_cameras, cfg.vit_dim, cfg.vit_heads, cfg.vit_depth, cfg.img_size)
-        self.spatial = models.SpatialEmb(self.vit.n_tokens, cfg.vit_dim, cfg.state_dim, cfg.vit_dim, dropout=0.0)
-        self.net = models.ResidualMLP(cfg.vit_dim + cfg.state_dim, hidden, 1, n_blocks=1)
+        image = cfg.obs_mode == "image"
+        self.encoder = models.ImageEncoder(dataclasses.replace(cfg, augment=False, spatial_dropout=0.0)) if image else None
+        self.net = models.ResidualMLP(self.encoder.out_dim if image else cfg.state_dim, hidden, 1, n_blocks=1)
 
-    def forward(self, state_n, rgb):
-        feat = self.spatial(self.vit(rgb.float() / 255.0 - 0.5), state_n)
-        return self.net(torch.cat([feat, state_n], dim=-1)).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- running reward scaling
-
-class RunningMeanStd:
-    """Running mean/variance of batches (the parallel update of Chan et al.), as in gymnasium's Normalize* wrappers.
-    Also normalizes the observations of collect_demos.py's PPO teacher."""
-
-    def __init__(self, shape=()):
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
-
-    def update(self, x):
-        b_mean, b_var, n = x.mean(0), x.var(0), len(x)
-        delta, total = b_mean - self.mean, self.count + n
-        self.mean = self.mean + delta * n / total
-        self.var = (self.var * self.count + b_var * n + delta ** 2 * self.count * n / total) / total
-        self.count = total
-
-
-class RewardScaler:
-    """r / std(running discounted return), clipped to +-10 (method.md §5, F:util/reward_scaling.py). Vectorized over
-    envs; the discounted return of an env restarts after its episode ends. Shared with collect_demos.py's teacher."""
-
-    def __init__(self, n_envs, gamma, clip=10.0):
-        self.gamma, self.clip = gamma, clip
-        self.ret = np.zeros(n_envs)
-        self.rms = RunningMeanStd()
-
-    def __call__(self, reward, done):
-        self.ret = self.ret * self.gamma + reward
-        self.rms.update(self.ret)
-        self.ret[done] = 0.0
-        return np.clip(reward / math.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
-
-    def state_dict(self):
-        return {"mean": float(self.rms.mean), "var": float(self.rms.var), "count": float(self.rms.count)}
-
-    def load_state_dict(self, d):
-        self.rms.mean, self.rms.var, self.rms.count = float(d["mean"]), float(d["var"]), float(d["count"])
+    def forward(self, state_n, rgb=None):
+        x = self.encoder(state_n, rgb) if self.encoder is not None else state_n
+        return self.net(x).squeeze(-1)
 
 
 CSV_COLS = ["iteration", "env_steps", "wall_s", "episodes", "success_rate", "return_mean", "length_mean",
@@ -339,55 +334,70 @@ CSV_COLS = ["iteration", "env_steps", "wall_s", "episodes", "success_rate", "ret
             "eval_return_mean", "eval_length_mean"]
 
 
+def settings(argv, device):
+    """Flags -> the run's settings. A new run takes the defaults table for its checkpoint's task and the preset,
+    overridden by the typed flags; --resume takes every training setting from <out>/latest.pt (cli.resume_settings:
+    a differing training flag is an error). Returns (args, task, policy, out dir, resume checkpoint or None)."""
+    parser = parser_for(argv)
+    args = parser.parse_args(argv)
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out (the run directory)")
+        out = Path(args.out)
+        latest = out / "latest.pt"
+        if not latest.exists():
+            raise ValueError(f"--resume: {latest} does not exist")
+        resume_ckpt = models.load_checkpoint(str(latest), device)
+        cli.require_stage(resume_ckpt, "finetune", latest)
+        tasks.check_layout(resume_ckpt, resume_ckpt["task"], latest)
+        saved = resume_ckpt["args"]
+        run_defaults = vars(make_parser(resume_ckpt["task"], resume_ckpt["config"]["obs_mode"],
+                                        saved.get("preset", "cpu")).parse_args([]))
+        args = cli.resume_settings(parser, argv, args, saved, RUN_CONTROL, latest, run_defaults)
+        if args.iterations <= resume_ckpt["step"]:
+            raise ValueError(f"--resume: --iterations {args.iterations} is not beyond the run's iteration "
+                             f"{resume_ckpt['step']} ({latest}); pass a larger --iterations to continue")
+        policy, _ = models.load_policy(str(latest), device)     # the fine-tuned actor
+        return args, tasks.get_task(resume_ckpt["task"]), policy, out, resume_ckpt
+    if args.ckpt is None:
+        raise ValueError("pass --ckpt (a pretrained checkpoint) or --out DIR --resume")
+    policy, pre = models.load_policy(args.ckpt, device, use_ema=True)
+    if not (args.task or pre.get("task")):
+        raise ValueError(f"{args.ckpt} names no task; pass --task")
+    task = tasks.get_task(args.task or pre["task"])
+    tasks.check_layout(pre, task, args.ckpt)
+    typed = cli.explicit_flags(parser, argv)
+    if "bc_coef" in typed and "bc_coef_final" not in typed:
+        args.bc_coef_final = args.bc_coef          # a typed --bc-coef is constant unless told otherwise
+    out = Path(args.out or f"runs/ft_{task.name}_{policy.cfg.obs_mode}_K{args.ft_steps}_bc{args.bc_coef:g}_s{args.seed}")
+    if (out / "latest.pt").exists():
+        raise ValueError(f"{out / 'latest.pt'} exists: pass --resume to continue it or --out to start a new run")
+    args.out = str(out)
+    cli.policy_fits_task(policy.cfg, task, tasks.obs_dims(task, policy.cfg.obs_mode)[0],
+                         f"{args.ckpt} (trained for {pre.get('task', 'an unnamed task')})")
+    return args, task, policy, out, None
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     # --- settings: a new run starts from --ckpt; --resume restores everything but the run-control flags ----------
     try:
-        device = models.resolve_device(args.device)
-        if args.resume:
-            out = Path(args.out) if args.out else None
-            if out is None:
-                raise ValueError("--resume needs --out (the run directory)")
-            latest = out / "latest.pt"
-            if not latest.exists():
-                raise ValueError(f"--resume: {latest} does not exist")
-            resume_ckpt = torch.load(latest, map_location=device, weights_only=True)
-            saved = {**vars(parse_args([])), **resume_ckpt["args"]}   # flags added since the run started: defaults
-            saved.update({k: getattr(args, k) for k in RUN_CONTROL})
-            args = argparse.Namespace(**saved)
-            policy, _ = models.load_policy(str(latest), device)     # the fine-tuned actor
-            task = tasks.get_task(resume_ckpt["task"])
-        else:
-            if args.ckpt is None:
-                raise ValueError("pass --ckpt (a pretrained checkpoint) or --out DIR --resume")
-            policy, pre = models.load_policy(args.ckpt, device, use_ema=True)
-            if not (args.task or pre.get("task")):
-                raise ValueError(f"{args.ckpt} names no task; pass --task")
-            task = tasks.get_task(args.task or pre["task"])
-            for key, val in task_defaults(task, policy.cfg.obs_mode).items():
-                if key == "bc_coef_final" and args.bc_coef is not None:
-                    val = args.bc_coef                         # an explicit --bc-coef is constant unless told
-                if getattr(args, key) is None:
-                    setattr(args, key, val)
-            args.gamma = task.gamma if args.gamma is None else args.gamma
-            out = Path(args.out or f"runs/ft_{task.name}_{policy.cfg.obs_mode}_K{args.ft_steps}_bc{args.bc_coef:g}_s{args.seed}")
-            latest = out / "latest.pt"
-            if latest.exists():
-                raise ValueError(f"{latest} exists: pass --resume to continue it or --out to start a new run")
-            args.out = str(out)
-        if min(args.ft_steps, args.n_envs, args.n_steps, args.minibatch_size, args.iterations, args.update_epochs) < 1:
-            raise ValueError("--ft-steps, --n-envs, --n-steps, --minibatch-size, --iterations, --update-epochs must be >= 1")
+        pre_args = parse_args(argv)
+        torch.set_num_threads(pre_args.threads)
+        device = models.setup_device(models.resolve_device(pre_args.device))
+        args, task, policy, out, resume_ckpt = settings(argv, device)
+        if args.min_std >= args.max_std:
+            raise ValueError(f"--min-std {args.min_std} must be below --max-std {args.max_std}")
         if args.dense_reward and (task.suite != "robosuite" or args.terminate_on_success):
             # ending at success would pay the shaped reward for *not* finishing (reaching alone earns ~0.4 a step)
             raise ValueError("--dense-reward is for robosuite tasks and needs --no-terminate-on-success")
         obs_mode = policy.cfg.obs_mode
-        if policy.cfg.act_dim != task.act_dim or policy.cfg.chunk != task.chunk:
-            raise ValueError(f"checkpoint policy (chunk {policy.cfg.chunk}, act_dim {policy.cfg.act_dim}) does not fit task {task.name}")
     except (ValueError, FileNotFoundError, tasks.TaskError) as e:
         sys.exit(f"error: {e}")
+    latest = out / "latest.pt"
     out.mkdir(parents=True, exist_ok=True)
+    for name in cli.remove_stale_tmp(out):
+        print(f"removed {out / name} (a partial checkpoint of a run killed while saving)")
+    print(cli.format_settings(args))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     K, image = args.ft_steps, obs_mode == "image"
@@ -398,12 +408,12 @@ def main(argv=None):
     actor.cfg.inference_steps = K                # rollout and update log-probs come from the same function
     actor_old = copy.deepcopy(actor).requires_grad_(False).eval()
     noise_net = NoiseNet(actor.encoder.out_dim, task.chunk, task.act_dim, args.noise_hidden, args.min_std, args.max_std).to(device)
-    critic = (ImageCritic(actor.cfg, args.critic_hidden) if image else StateCritic(actor.cfg.state_dim, args.critic_hidden)).to(device)
-    actor_opt = torch.optim.AdamW(list(actor.parameters()) + list(noise_net.parameters()), lr=args.actor_lr, weight_decay=args.actor_wd)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.critic_wd)
-    scaler = RewardScaler(args.n_envs, args.gamma)
+    critic = Critic(actor.cfg, args.critic_hidden).to(device)
+    actor_opt = models.make_optimizer(list(actor.parameters()) + list(noise_net.parameters()), args.actor_lr, args.actor_wd, device)
+    critic_opt = models.make_optimizer(critic.parameters(), args.critic_lr, args.critic_wd, device)
+    scaler = tasks.RewardScaler(args.n_envs, args.gamma)
     itr, env_steps, wall_prev = 0, 0, 0.0
-    if args.resume:
+    if resume_ckpt is not None:
         actor_old.load_state_dict(resume_ckpt["reference_model"])
         noise_net.load_state_dict(resume_ckpt["noise_net"])
         critic.load_state_dict(resume_ckpt["critic"])
@@ -416,10 +426,12 @@ def main(argv=None):
     print(f"{task.name} ({obs_mode}): fine-tuning a K={K} chain; actor {models.count_params(actor) / 1e6:.2f}M, "
           f"noise net {models.count_params(noise_net) / 1e3:.0f}k, critic {models.count_params(critic) / 1e3:.0f}k params; "
           f"{args.n_envs} envs x {args.n_steps} chunks per iteration; run dir {out}")
+    wall0 = time.time()                          # this session's start; wall_prev holds the earlier sessions'
 
     def save(path):
         models.save_checkpoint(str(path), actor, None, itr, extra={
-            "task": task.name, "obs_mode": obs_mode, "args": vars(args), "env_steps": env_steps,
+            "stage": "finetune", "task": task.name, "obs_mode": obs_mode, "obs_layout": tasks.OBS_LAYOUT,
+            "args": vars(args), "env_steps": env_steps,
             "noise_net": noise_net.state_dict(), "critic": critic.state_dict(),
             "reference_model": actor_old.state_dict(), "actor_optimizer": actor_opt.state_dict(),
             "critic_optimizer": critic_opt.state_dict(), "reward_scaler": scaler.state_dict(),
@@ -435,20 +447,11 @@ def main(argv=None):
 
     # --- CSV: a new file, or on resume the old one cut back to the checkpoint's iteration -------------------------
     csv_path = out / "log.csv"
-    old_rows = []
-    if args.resume and csv_path.exists():
-        with open(csv_path) as f:
-            old_rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= itr]
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLS)
-        w.writeheader()
-        w.writerows(old_rows)
+    cli.trim_csv(csv_path, CSV_COLS, "iteration", itr)
 
     def log_row(row):
-        with open(csv_path, "a", newline="") as f:
-            csv.DictWriter(f, CSV_COLS).writerow(row)
+        cli.append_csv(csv_path, CSV_COLS, row)
 
-    wall0 = time.time()
     if itr == 0 and args.eval_episodes > 0:      # the pretrained policy's score: the baseline fine-tuning must beat
         row = {"iteration": 0, "env_steps": 0, "wall_s": 0.0, **run_eval()}
         log_row(row)
@@ -464,19 +467,22 @@ def main(argv=None):
         s = actor.normalize_state(torch.as_tensor(o["state"], device=device))
         return s, (torch.as_tensor(o["rgb"], device=device) if image else None)
 
+    # --- rollout buffers, allocated once: every slot is overwritten each iteration (b_boot is re-zeroed) ----------
+    b_state = torch.zeros(T, N, actor.cfg.state_dim, device=device)
+    b_rgb = torch.zeros(T, N, *obs["rgb"].shape[1:], dtype=torch.uint8, device=device) if image else None
+    b_chain = torch.zeros(T, N, K + 1, task.chunk, task.act_dim, device=device)
+    b_logp = torch.zeros(T, N, device=device)
+    b_value = torch.zeros(T, N, device=device)
+    b_reward = torch.zeros(T, N, device=device)
+    b_done = torch.zeros(T, N, device=device)
+    b_boot = torch.zeros(T, N, device=device)      # V(final obs) of truncated episodes, 0 for terminations
+
     bar = tqdm(total=args.iterations, initial=itr, desc=f"finetune {task.name}", dynamic_ncols=True)
     while itr < args.iterations:
         itr += 1
         t_start, steps_before = time.time(), env_steps
         # ===================== rollout: T chunks in N envs with the noisy chain =====================
-        b_state = torch.zeros(T, N, actor.cfg.state_dim, device=device)
-        b_rgb = torch.zeros(T, N, *obs["rgb"].shape[1:], dtype=torch.uint8, device=device) if image else None
-        b_chain = torch.zeros(T, N, K + 1, task.chunk, task.act_dim, device=device)
-        b_logp = torch.zeros(T, N, device=device)
-        b_value = torch.zeros(T, N, device=device)
-        b_reward = torch.zeros(T, N, device=device)
-        b_done = torch.zeros(T, N, device=device)
-        b_boot = torch.zeros(T, N, device=device)  # V(final obs) of truncated episodes, 0 for terminations
+        b_boot.zero_()
         episodes, stds = [], []
         for step in range(T):
             state_n, rgb = to_tensors(obs)
@@ -512,7 +518,7 @@ def main(argv=None):
         f_state, f_chain = b_state.flatten(0, 1), b_chain.flatten(0, 1)
         f_rgb = b_rgb.flatten(0, 1) if image else None
         f_logp = b_logp.flatten()
-        if image and args.augment:                 # method.md §2: the PPO image buffer shifts every image once
+        if image and args.augment:                 # the released PPO image buffer (agent/finetune/reinflow/buffer.py) shifts every image once
             f_rgb = torch.cat([models.random_shift(f_rgb[i:i + 256].float()).round().to(torch.uint8)
                                for i in range(0, B, 256)])
             with torch.no_grad():
@@ -572,10 +578,22 @@ def main(argv=None):
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                terms = {"value_loss": stats["value_loss"][-1],
+                         "critic_grad_norm": nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)}
+                if train_actor:
+                    terms.update({k: stats[k][-1] for k in ("policy_loss", "entropy", "bc_loss")})
+                    terms["actor_grad_norm"] = nn.utils.clip_grad_norm_(
+                        list(actor.parameters()) + list(noise_net.parameters()), args.max_grad_norm)
+                try:                               # stop before a non-finite update reaches the weights or a checkpoint
+                    cli.check_finite(itr, unit="iteration", **terms)
+                except cli.NonFiniteError as e:
+                    bar.close()
+                    envs.close()
+                    kept = f"the last good checkpoint is {latest} (iteration {models.load_checkpoint(str(latest))['step']})" \
+                        if latest.exists() else "no checkpoint was written"
+                    sys.exit(f"error: {e}; training stopped, {kept}")
                 critic_opt.step()
                 if train_actor:
-                    nn.utils.clip_grad_norm_(list(actor.parameters()) + list(noise_net.parameters()), args.max_grad_norm)
                     actor_opt.step()
                 grad_steps += 1
                 if train_actor and args.target_kl > 0 and approx_kl.item() > args.target_kl:

@@ -13,10 +13,12 @@ MeanFlow identity (MeanFlow paper, Geng et al. 2025, eq. 6): differentiating (t 
     u(z_t, r, t) = v(z_t, t) - (t - r) * d/dt u(z_t, r, t),
 with the total derivative d/dt u = v . du/dz + du/dt (tangent (v, 0, 1) in (z, r, t)), computed by a JVP.
 """
-import copy
 import math
+import numbers
 import os
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -24,7 +26,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LOSSES = ("meanflow", "imf", "flow")
-DISP_LOSSES = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
+DISP_LOSSES = ("infonce_l2", "infonce_l2_released", "infonce_cosine", "hinge", "covariance")
+
+
+def _real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_steps(steps):
+    """K-step sampling needs K >= 1 (K <= 0 used to return the input noise silently)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"inference steps K must be >= 1, got {steps}")
+    return int(steps)
 
 
 @dataclass
@@ -36,7 +49,7 @@ class PolicyConfig:
     obs_mode: str = "state"             # "state" (MLP encoder) or "image" (light ViT + proprio)
     n_cameras: int = 1                  # image mode: cameras stacked along channels into one ViT
     img_size: int = 96
-    # light ViT (method.md §2: IBRL ViT, embed2 stem, 121 tokens of 128, 1 layer, 4 heads)
+    # light ViT (IBRL's ViT, Hu et al. 2023, as in 91gaozhidao/dmpo model/common/vit.py: embed2 stem, 121 tokens of 128, 1 layer, 4 heads)
     vit_dim: int = 128
     vit_heads: int = 4
     vit_depth: int = 1
@@ -70,6 +83,13 @@ class PolicyConfig:
             raise ValueError(f"disp_loss must be one of {DISP_LOSSES}, got {self.disp_loss!r}")
         if not 0.0 <= self.flow_ratio <= 1.0:
             raise ValueError(f"flow_ratio must be in [0, 1], got {self.flow_ratio}")
+        if isinstance(self.inference_steps, bool) or not isinstance(self.inference_steps, numbers.Integral) \
+                or self.inference_steps < 1:
+            raise ValueError(f"inference_steps must be an integer >= 1, got {self.inference_steps!r}")
+        if not (_real(self.alpha_disp) and math.isfinite(self.alpha_disp) and self.alpha_disp >= 0):
+            raise ValueError(f"alpha_disp must be a finite number >= 0, got {self.alpha_disp!r}")
+        if not (_real(self.disp_temp) and math.isfinite(self.disp_temp) and self.disp_temp > 0):
+            raise ValueError(f"disp_temp must be a finite number > 0, got {self.disp_temp!r}")
         self.cond_mlp_dims = tuple(self.cond_mlp_dims)
 
     @classmethod
@@ -106,7 +126,7 @@ class SinusoidalEmb(nn.Module):
 
 
 def time_mlp(dim):
-    """t and r get separate embeddings (method.md §2): Sinusoidal(16) -> Linear(16,32) -> Mish -> Linear(32,16)."""
+    """t and r get separate embeddings (91gaozhidao/dmpo model/flow/mlp_meanflow.py): Sinusoidal(16) -> Linear(16,32) -> Mish -> Linear(32,16)."""
     return nn.Sequential(SinusoidalEmb(dim), nn.Linear(dim, 2 * dim), nn.Mish(), nn.Linear(2 * dim, dim))
 
 
@@ -120,10 +140,18 @@ class ResidualMLP(nn.Module):
         self.out = nn.Linear(hidden, out_dim)
 
     def forward(self, x):
-        x = self.inp(x)
+        # F.linear on the layers' own weights: the same arithmetic as calling the nn.Linear modules, without their
+        # per-call module dispatch (a batch-1 head evaluation is dispatch-bound on a CPU)
+        x = F.linear(x, self.inp.weight, self.inp.bias)
         for l1, l2 in self.blocks:
-            x = x + l2(F.mish(l1(F.mish(x))))
-        return self.out(x)
+            x = x + F.linear(F.mish(F.linear(F.mish(x), l1.weight, l1.bias)), l2.weight, l2.bias)
+        return F.linear(x, self.out.weight, self.out.bias)
+
+
+def mish_and_slope(x):
+    """(mish(x), d mish / dx) with mish(x) = x tanh(softplus(x)): the slope is tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2)."""
+    th = torch.tanh(F.softplus(x))
+    return x * th, th + x * torch.sigmoid(x) * (1 - th * th)
 
 
 def mlp(dims, act=nn.Mish):
@@ -172,7 +200,7 @@ class LightViT(nn.Module):
 
 
 class SpatialEmb(nn.Module):
-    """Fuse ViT tokens with proprioception (method.md §2): per channel row, [tokens || state] -> Linear -> LN -> ReLU,
+    """Fuse ViT tokens with proprioception (91gaozhidao/dmpo model/common/modules.py SpatialEmb): per channel row, [tokens || state] -> Linear -> LN -> ReLU,
     then a learned (128 x 128) weighting summed over rows gives one 128-d visual feature."""
 
     def __init__(self, n_tokens, dim, state_dim, out_dim=128, dropout=0.1):
@@ -223,10 +251,11 @@ def dispersive_loss(emb, kind="infonce_l2", temp=0.5, margin=1.0):
     """Spread a batch of observation embeddings (B, D) apart, against representation collapse.
 
     infonce_l2 (default): log mean_{i,j} exp(-||z_i - z_j||^2 / temp), the InfoNCE loss with only negative pairs
-      of "Diffuse and Disperse" (Wang & He 2025, eq. 6) that DMPO adds to MeanFlow. The mean includes i = j, which
-      bounds it in [-log B, 0]: pairs already far apart stop contributing, so features are not pushed to infinity.
-      (DMPO's code uses unsquared distances with a clamped diagonal worth e^10 in every row, which leaves a gradient
-      of ~1e-4 at collapse; we follow the paper's form.)
+      of "Diffuse and Disperse" (Wang & He 2025, arXiv 2506.09027, eq. 6) that the DMPO paper adds to MeanFlow. The
+      mean includes i = j, which bounds it in [-log B, 0]: pairs already far apart stop contributing.
+    infonce_l2_released: the form in the released DMPO code (91gaozhidao/dmpo model/loss/dispersive_loss.py):
+      -mean_i log sum_j exp(min(||z_i - z_j|| / temp, 10)) with unsquared distances and the diagonal clamped to
+      e^10, which dominates every row until distances reach 10 * temp, so its gradient is ~1e-4 at collapse.
     infonce_cosine: log mean_{i,j} exp(cos(z_i, z_j) / temp).
     hinge: mean_{i != j} relu(margin - ||z_i - z_j||).
     covariance: mean(offdiag(C)^2) + mean(relu(1 - diag(C))) with C the batch covariance (decorrelate, keep variance).
@@ -235,6 +264,12 @@ def dispersive_loss(emb, kind="infonce_l2", temp=0.5, margin=1.0):
     if kind == "infonce_l2":
         sq = (emb[:, None, :] - emb[None, :, :]).pow(2).sum(-1)
         return torch.logsumexp(-sq.flatten() / temp, dim=0) - math.log(b * b)
+    if kind == "infonce_l2_released":
+        # S_ij = -d_ij / temp, diagonal -1e9, S clamped to [-10, 10]; loss = -mean_i logsumexp_j(-S_ij)
+        d = torch.sqrt((emb[:, None, :] - emb[None, :, :]).pow(2).sum(-1) + 1e-12)
+        s = -d / temp
+        s = s.masked_fill(torch.eye(b, dtype=torch.bool, device=emb.device), -1e9).clamp(-10.0, 10.0)
+        return -torch.logsumexp(-s, dim=1).mean()
     if kind == "infonce_cosine":
         z = F.normalize(emb, dim=-1, eps=1e-8)
         return torch.logsumexp((z @ z.T).flatten() / temp, dim=0) - math.log(b * b)
@@ -249,6 +284,28 @@ def dispersive_loss(emb, kind="infonce_l2", temp=0.5, margin=1.0):
         d = cov.shape[0]
         return (cov - torch.diag(diag)).pow(2).sum() / max(d * (d - 1), 1) + F.relu(1.0 - diag).mean()
     raise ValueError(f"unknown dispersive loss {kind!r}; expected one of {DISP_LOSSES}")
+
+
+@torch.no_grad()
+def embedding_stats(emb):
+    """Collapse diagnostics of N >= 2 embeddings (N, D), computed in float64:
+      eff_rank  participation ratio (sum l)^2 / sum l^2 of the covariance eigenvalues l: 1 when the points lie on a
+                line (or one direction dominates), D when they spread isotropically; 0 for identical points;
+      nn_ratio  mean nearest-neighbour distance / mean pairwise distance: near 0 when the points clump into tight
+                groups (distinct observations mapped onto nearly the same embedding), larger when they spread;
+      norm      mean L2 norm (growing the norm is a cheap way to satisfy a distance-based dispersive loss)."""
+    z = emb.detach().double().flatten(1)
+    n = z.shape[0]
+    if n < 2:
+        raise ValueError(f"embedding_stats needs at least 2 embeddings, got {n}")
+    zc = z - z.mean(0, keepdim=True)
+    lam = torch.linalg.eigvalsh(zc.T @ zc / (n - 1)).clamp_min(0)
+    eff_rank = float(lam.sum() ** 2 / (lam.pow(2).sum())) if lam.sum() > 0 else 0.0
+    d = torch.cdist(z, z)
+    mean_pair = float(d.sum() / (n * (n - 1)))
+    nn = float(d.masked_fill(torch.eye(n, dtype=torch.bool, device=d.device), float("inf")).min(1).values.mean())
+    return {"eff_rank": eff_rank, "nn_ratio": nn / mean_pair if mean_pair > 0 else 0.0,
+            "norm": float(z.norm(dim=1).mean())}
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -282,77 +339,174 @@ class MeanFlowPolicy(nn.Module):
                 raise ValueError(f"normalization {name} contains NaN or inf")
             buf.copy_(val)
 
-    @staticmethod
-    def _scale(x, lo, hi):
-        span = hi - lo
-        return torch.where(span > 1e-6, 2 * (x - lo) / span.clamp_min(1e-6) - 1, torch.zeros_like(x))
+    def _derived(self, key, deps, build):
+        """A value computed from the tensors `deps` (buffers, parameters) and kept until one of them changes: in
+        place (its version counter moves: set_normalization, load_state_dict, an optimizer step) or by being
+        replaced or moved (its storage changes: .to(device), .double()). The check is a few attribute reads per call,
+        which is what lets `act` skip the per-call arithmetic on constants. Built outside inference mode and without
+        autograd, so the value serves inference and training alike; the entry holds its deps' storages, so a stale
+        address cannot be reused by a new tensor and mistaken for the old one."""
+        stamp = tuple((d.data_ptr(), d._version) for d in deps)
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():
+            val = build()
+        if len(cache) > 64:                   # many distinct batch sizes / step counts: start over
+            cache.clear()
+        cache[key] = (stamp, val, [d.detach() for d in deps])
+        return val
+
+    def _norm_coefs(self, name, lo, hi):
+        """x_n = (x - lo) * scale + off with scale = 2 / (hi - lo), off = -1, or 0 and 0 on constant dims."""
+        def build():
+            span = hi - lo
+            keep = span > 1e-6
+            return (torch.where(keep, 2 / span.clamp_min(1e-6), torch.zeros_like(span)),
+                    torch.where(keep, -torch.ones_like(span), torch.zeros_like(span)))
+        return self._derived(("norm", name), (lo, hi), build)
 
     def normalize_state(self, s):
-        return self._scale(s, self.state_min, self.state_max)
+        scale, off = self._norm_coefs("state", self.state_min, self.state_max)
+        return torch.addcmul(off, s - self.state_min, scale)
 
     def normalize_action(self, a):
-        return self._scale(a, self.action_min, self.action_max)
+        scale, off = self._norm_coefs("action", self.action_min, self.action_max)
+        return torch.addcmul(off, a - self.action_min, scale)
 
     def unnormalize_action(self, a):
-        return (a + 1) / 2 * (self.action_max - self.action_min) + self.action_min
+        """a_env = a_n * (max - min) / 2 + (max + min) / 2 (one fused op on cached constants)."""
+        lo, hi = self.action_min, self.action_max
+        half, mid = self._derived("unnorm", (lo, hi), lambda: ((hi - lo) / 2, (hi + lo) / 2))
+        return torch.addcmul(mid, a, half)
 
     # -- network -------------------------------------------------------------------------------------------
     def encode(self, state_n, rgb=None):
         """Observation embedding cond_emb (the representation the dispersive loss spreads)."""
         return self.encoder(state_n, rgb)
 
+    @torch.no_grad()
+    def embedding_stats(self, state_n, rgb=None, batch=256):
+        """embedding_stats of cond_emb for a probe set of normalized observations, in eval mode (no augmentation or
+        dropout), batch by batch; the module's train/eval mode is restored."""
+        was_training = self.training
+        self.eval()
+        try:
+            emb = torch.cat([self.encode(state_n[i:i + batch], None if rgb is None else rgb[i:i + batch])
+                             for i in range(0, len(state_n), batch)])
+        finally:
+            self.train(was_training)
+        return embedding_stats(emb)
+
     def velocity(self, z, r, t, cond):
         """u(z, r, t | cond) for z (B, Ta, Da), r and t (B,), cond (B, E)."""
-        h = torch.cat([z.flatten(1), self.t_emb(t), self.r_emb(r), cond], dim=-1)
+        return self.head_from_emb(z, self.t_emb(t), self.r_emb(r), cond)
+
+    @torch.no_grad()
+    def velocity_dt(self, z, r, t, cond, z_dot):
+        """d/dt u(z, r, t | cond) along the tangent (z_dot, 0, 1) in (z, r, t) -- the MeanFlow JVP -- by forward-mode
+        differentiation written out for this head (sinusoidal t embedding -> Linear -> Mish -> Linear, then the
+        residual MLP), without autograd: the training losses stop gradients through du/dt, so nothing needs a graph.
+        Same values as torch.func.jvp(velocity, (z, r, t), (z_dot, 0, 1))[1] up to float round-off (a test checks),
+        at about one extra forward instead of torch.func.jvp's ~2x (batch 128, 512-wide head, one CPU thread)."""
+        sin_emb, lin1, _, lin2 = self.t_emb
+        f = sin_emb.freqs[None]
+        x = t[:, None] * f
+        sin, cos = x.sin(), x.cos()
+        a = F.linear(torch.cat([sin, cos], -1), lin1.weight, lin1.bias)
+        a_dot = F.linear(torch.cat([cos * f, -sin * f], -1), lin1.weight)
+        m, slope = mish_and_slope(a)
+        t_e = F.linear(m, lin2.weight, lin2.bias)
+        t_e_dot = F.linear(slope * a_dot, lin2.weight)
+        head = self.head
+        h = torch.cat([z.flatten(1), t_e, self.r_emb(r), cond], dim=-1)
+        # r and cond have zero tangent: only the z and t-embedding columns of the input layer see one
+        k = z[0].numel() + t_e.shape[1]
+        x = F.linear(h, head.inp.weight, head.inp.bias)
+        x_dot = F.linear(torch.cat([z_dot.flatten(1), t_e_dot], -1), head.inp.weight[:, :k])
+        for i, (l1, l2) in enumerate(head.blocks):
+            y, s1 = mish_and_slope(x)
+            a = F.linear(y, l1.weight, l1.bias)
+            a_dot = F.linear(s1 * x_dot, l1.weight)
+            b, s2 = mish_and_slope(a)
+            if i + 1 < len(head.blocks):    # the last block's primal output is not needed for the tangent
+                x = x + F.linear(b, l2.weight, l2.bias)
+            x_dot = x_dot + F.linear(s2 * a_dot, l2.weight)
+        return F.linear(x_dot, head.out.weight).view_as(z)
+
+    def head_from_emb(self, z, t_emb, r_emb, cond):
+        """The velocity head given the time embeddings t_emb(t), r_emb(r) (sampling reuses them across calls)."""
+        h = torch.cat([z.flatten(1), t_emb, r_emb, cond], dim=-1)
         return self.head(h).view_as(z)
 
     # -- training ------------------------------------------------------------------------------------------
     def sample_t_r(self, b, device):
         """(t, r) from logit-normal(mu, sigma): t = max and r = min of two draws; then exactly
         round(flow_ratio * B) random items get r = t (the instantaneous-velocity / flow-matching case)."""
+        t, r, _, _ = self._sample_t_r_split(b, device)
+        return t, r
+
+    def _sample_t_r_split(self, b, device):
+        """sample_t_r plus the permutation that chose the r = t items: perm[:n_eq] have r = t, perm[n_eq:] r <= t.
+        The random draws are exactly sample_t_r's (seeded runs see the same batches)."""
         cfg = self.cfg
         s = torch.sigmoid(torch.randn(b, 2, device=device) * cfg.time_sigma + cfg.time_mu)
         t, r = s.max(dim=1).values, s.min(dim=1).values
         if cfg.loss == "flow":
-            return t, t.clone()
+            return t, t.clone(), None, b
         n_eq = int(round(cfg.flow_ratio * b))
-        idx = torch.randperm(b, device=device)[:n_eq]
+        perm = torch.randperm(b, device=device)
+        idx = perm[:n_eq]
         r = r.clone()
         r[idx] = t[idx]
-        return t, r
+        return t, r, perm, n_eq
 
     def loss(self, state_n, action_n, rgb=None):
         """Total DMPO pretraining loss on normalized data: flow loss + alpha_disp * dispersive(cond_emb).
-        Returns (total, {"loss_flow": ..., "loss_disp": ...})."""
+        Returns (total, {"loss_flow": ..., "loss_disp": ...}).
+
+        Items with r = t have (t - r) du/dt = 0: their MeanFlow / iMF error is || u(z, t, t) - v ||^2, a plain
+        forward. Only the r < t items (half the batch at flow_ratio 0.5) go through the JVP; the per-item errors are
+        put back in batch order, so the loss equals the full-batch-JVP formulation up to float round-off."""
         cfg = self.cfg
         x = action_n.clamp(-1, 1)
         b = x.shape[0]
         cond = self.encode(state_n, rgb)
         eps = torch.randn_like(x)
-        t, r = self.sample_t_r(b, x.device)
-        tb, rb = t[:, None, None], r[:, None, None]
+        t, r, perm, n_eq = self._sample_t_r_split(b, x.device)
+        tb = t[:, None, None]
         z = (1 - tb) * x + tb * eps
         v = eps - x
 
-        # the JVP is taken over the head only; cond is a closed-over input, so gradients still reach the encoder
-        # through the primal output u (torch.func.jvp keeps the primal differentiable).
-        def u_fn(z_, r_, t_):
-            return self.velocity(z_, r_, t_, cond)
-
         if cfg.loss == "flow":              # flow matching / ReFlow baseline: regress v at r = t
-            u = u_fn(z, t, t)
-            err = (u - v).pow(2)
-        elif cfg.loss == "meanflow":        # MeanFlow eq. (10): u_tgt = v - (t - r) d/dt u, tangent (v, 0, 1)
-            u, dudt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-            u_tgt = (v - (tb - rb) * dudt).detach()
-            err = (u - u_tgt).pow(2)
-        else:                               # improved MeanFlow (iMF, arXiv 2512.02012): tangent uses the model's own
-            with torch.no_grad():           # instantaneous velocity u(z, t, t), and the regression target is v itself:
-                v_pred = u_fn(z, t, t)      # V = u + (t - r) sg(d/dt u)  ->  || V - (eps - x) ||^2
-            u, dudt = torch.func.jvp(u_fn, (z, r, t), (v_pred, torch.zeros_like(r), torch.ones_like(t)))
-            err = (u + (tb - rb) * dudt.detach() - v).pow(2)
+            per_item = (self.velocity(z, t, t, cond) - v).pow(2).flatten(1).mean(1)
+        else:
+            parts, order = [], []
+            if n_eq > 0:                    # r = t: the target is v itself, one plain forward
+                eq = perm[:n_eq]
+                t_eq = t[eq]
+                u = self.velocity(z[eq], t_eq, t_eq, cond[eq])
+                parts.append((u - v[eq]).pow(2).flatten(1).mean(1))
+                order.append(eq)
+            if n_eq < b:                    # r < t: u with autograd, its total derivative du/dt without
+                lt = perm[n_eq:]
+                z_l, v_l, r_l, t_l, c_l = z[lt], v[lt], r[lt], t[lt], cond[lt]
+                gap = (t_l - r_l)[:, None, None]
+                if cfg.loss == "meanflow":  # MeanFlow eq. (10): u_tgt = v - (t - r) d/dt u, tangent (v, 0, 1)
+                    u, dudt = self._u_and_dudt(z_l, r_l, t_l, c_l, v_l)
+                    err = (u - (v_l - gap * dudt).detach()).pow(2)
+                else:                       # improved MeanFlow (iMF, arXiv 2512.02012): tangent uses the model's own
+                    with torch.no_grad():   # instantaneous velocity u(z, t, t), and the regression target is v itself:
+                        v_pred = self.velocity(z_l, t_l, t_l, c_l)     # V = u + (t - r) sg(d/dt u) -> ||V - (eps - x)||^2
+                    u, dudt = self._u_and_dudt(z_l, r_l, t_l, c_l, v_pred)
+                    err = (u + gap * dudt.detach() - v_l).pow(2)
+                parts.append(err.flatten(1).mean(1))
+                order.append(lt)
+            errs = torch.cat(parts) if len(parts) > 1 else parts[0]
+            where = torch.cat(order) if len(order) > 1 else order[0]
+            per_item = errs.new_empty(b).index_copy(0, where, errs)     # back to batch order
 
-        per_item = err.flatten(1).mean(1)
         if cfg.adaptive_weight:             # MeanFlow adaptive weighting: w = sg(1 / (delta^2 + c)^p)
             per_item = per_item / (per_item.detach() + cfg.adaptive_c).pow(cfg.adaptive_p)
         loss_flow = per_item.mean()
@@ -366,17 +520,77 @@ class MeanFlowPolicy(nn.Module):
             total = loss_flow
         return total, {"loss_flow": loss_flow.detach(), "loss_disp": loss_disp.detach()}
 
+    jvp_impl = "manual"                     # "manual": velocity_dt; "func": torch.func.jvp (the reference)
+
+    def _u_and_dudt(self, z, r, t, cond, z_dot):
+        """u(z, r, t | cond) with autograd (gradients reach the head and, through cond, the encoder) and
+        d/dt u along (z_dot, 0, 1) without (every loss stops its gradient)."""
+        if self.jvp_impl == "func":         # the JVP over the head only; cond is a closed-over input, so gradients
+            def u_fn(z_, t_):               # still reach the encoder through the primal output u
+                return self.velocity(z_, r, t_, cond)
+            return torch.func.jvp(u_fn, (z, t), (z_dot, torch.ones_like(t)))
+        return self.velocity(z, r, t, cond), self.velocity_dt(z, r, t, cond.detach(), z_dot)
+
     # -- sampling ------------------------------------------------------------------------------------------
+    def _times(self, steps, b, device):
+        """[(r_i, t_i, dt_i)] of K-step sampling for batch b: t_i = linspace(1, 0, K+1)[i] as (B,) tensors, r_i the
+        next time (MeanFlow) or t_i (flow matching), dt_i = t_i - t_{i+1} as a Python float (exactly the float32
+        difference, so multiplying by it rounds as multiplying by the tensor did). Made once per (K, B, device)."""
+        flow = self.cfg.loss == "flow"
+        cache = self.__dict__.setdefault("_times_cache", {})
+        key = (steps, b, str(device), flow)
+        hit = cache.get(key)
+        if hit is None:
+            with torch.inference_mode(False), torch.no_grad():
+                ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
+                hit = []
+                for i in range(steps):
+                    t = ts[i].expand(b).clone()
+                    r = t if flow else ts[i + 1].expand(b).clone()
+                    hit.append((r, t, float((ts[i] - ts[i + 1]).cpu())))
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    def _time_embs(self, steps, b, device):
+        """[(t_emb(t_i), r_emb(r_i), dt_i)] for K-step sampling: the time embeddings of a fixed schedule are
+        constants of the weights, so inference computes them once (rebuilt when the time-MLP weights change)."""
+        times = self._times(steps, b, device)
+        t_emb, r_emb = self.t_emb, self.r_emb
+        mods = self.__dict__.get("_time_mods")
+        if mods is None or mods[0] is not t_emb or mods[1] is not r_emb:
+            mods = (t_emb, r_emb, [*t_emb.modules(), *r_emb.modules()])
+            self.__dict__["_time_mods"] = mods
+        # read each call from the modules' own dicts (~1 us; Module.parameters() would cost ~20 us), so a parameter
+        # replaced outright (load_state_dict(assign=True)) is noticed as well as one changed in place
+        deps = [x for mod in mods[2] for d in (mod._parameters, mod._buffers) for x in d.values() if x is not None]
+        return self._derived(("temb", steps, b, str(device), self.cfg.loss == "flow"), deps,
+                             lambda: [(t_emb(t), r_emb(r), dt) for r, t, dt in times])
+
     def sample(self, cond, steps=1, noise=None):
         """K-step sampling from noise (t=1) to data (t=0) with t_i = linspace(1, 0, K+1):
             MeanFlow: z_{i+1} = z_i - (t_i - t_{i+1}) u(z_i, t_{i+1}, t_i)   (exact for a perfect u, any K)
             flow:     z_{i+1} = z_i - (t_i - t_{i+1}) u(z_i, t_i, t_i)       (Euler with the instantaneous velocity)
-        K = 1 with MeanFlow is a = z - u(z, 0, 1). Clamped to [-1, 1] after every step, as the reference does."""
-        b = cond.shape[0]
-        z = noise if noise is not None else torch.randn(b, self.cfg.chunk, self.cfg.act_dim, device=cond.device)
-        ts = torch.linspace(1.0, 0.0, steps + 1, device=cond.device)
-        for i in range(steps):
-            z = self.denoise_step(z, ts[i].expand(b), ts[i + 1].expand(b), cond)
+        K = 1 with MeanFlow is a = z - u(z, 0, 1). Clamped to [-1, 1] after every step, as the reference does.
+        Without autograd (inference) the time embeddings of the schedule are cached; with autograd (fine-tuning's
+        BC loss) they are recomputed so gradients reach the time MLPs. Same numbers either way."""
+        steps = check_steps(steps)
+        b = int(cond.shape[0])              # (a tensor while tracing: the captured graph has a fixed batch)
+        if noise is None:
+            z = torch.randn(b, self.cfg.chunk, self.cfg.act_dim, device=cond.device)
+        elif torch.is_tensor(noise) and noise.device == cond.device:
+            z = noise
+        else:
+            z = torch.as_tensor(noise, device=cond.device)
+        if torch.is_grad_enabled():
+            for r, t, dt in self._times(steps, b, cond.device):
+                u = self.velocity(z, r, t, cond)
+                z = (z - u if dt == 1.0 else z - dt * u).clamp(-1, 1)   # dt = 1 (K = 1): the product is u itself
+            return z
+        for te, re, dt in self._time_embs(steps, b, cond.device):
+            u = self.head_from_emb(z, te, re, cond)
+            z = (z - u if dt == 1.0 else z - dt * u).clamp_(-1, 1)
         return z
 
     def denoise_step(self, z, t, t_next, cond):
@@ -386,30 +600,70 @@ class MeanFlowPolicy(nn.Module):
         r = t if self.cfg.loss == "flow" else t_next
         return (z - (t - t_next)[:, None, None] * self.velocity(z, r, t, cond)).clamp(-1, 1)
 
+    def obs_tensors(self, obs):
+        """(state (B, S) float32, rgb (B, C, H, W) or None, single) on the policy's device, from numpy or torch,
+        batched or not. On CUDA the host arrays travel in one host-to-device copy (one pinned staging buffer)."""
+        dev = self.state_min.device
+        s = obs["state"]
+        image = self.cfg.obs_mode == "image"
+        if image and "rgb" not in obs:
+            raise ValueError("image policy needs obs['rgb'] (uint8, C x H x W)")
+        rgb = obs["rgb"] if image else None
+        single = len(s.shape if hasattr(s, "shape") else np.shape(s)) == 1
+        if (s.shape[-1] if hasattr(s, "shape") else np.shape(s)[-1]) != self.cfg.state_dim:
+            raise ValueError(f"obs['state'] has {np.shape(s)[-1]} dims, the policy expects {self.cfg.state_dim}")
+        if dev.type != "cpu":
+            host = [x for x in (s, rgb) if x is not None and not (torch.is_tensor(x) and x.device == dev)]
+            if len(host) == 2:              # state and image both on the host: pack them, copy once
+                st = np.asarray(s.cpu() if torch.is_tensor(s) else s, dtype=np.float32)
+                im = np.asarray(rgb.cpu() if torch.is_tensor(rgb) else rgb)
+                if single:
+                    st, im = st[None], im[None]
+                state, rgb = self.to_device_once([st, im])
+                return state, rgb, single
+        state = s.to(dev, torch.float32) if torch.is_tensor(s) else torch.as_tensor(s, dtype=torch.float32, device=dev)
+        if rgb is not None:
+            rgb = torch.as_tensor(rgb, device=dev)
+        if single:
+            state = state[None]
+            rgb = rgb[None] if rgb is not None else None
+        return state, rgb, single
+
+    def to_device_once(self, arrays):
+        """Numpy arrays -> tensors on the policy's CUDA device in one host-to-device copy: packed into a cached
+        pinned buffer (16-byte aligned slots), copied asynchronously, viewed back per array. The next call can
+        refill the buffer safely because `act` ends with a device-to-host copy on the same stream."""
+        dev = self.state_min.device
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        offs, n = [], 0
+        for a in arrays:
+            offs.append(n)
+            n += -(-a.nbytes // 16) * 16
+        cache = self.__dict__.setdefault("_pinned", {})
+        host = cache.get(n)
+        if host is None:
+            host = cache[n] = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        h = host.numpy()
+        for a, o in zip(arrays, offs):
+            h[o:o + a.nbytes] = a.reshape(-1).view(np.uint8)
+        d = host.to(dev, non_blocking=True)
+        return [d[o:o + a.nbytes].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
+                for a, o in zip(arrays, offs)]
+
     @torch.inference_mode()
     def act(self, obs, steps=None, noise=None):
         """Action chunk(s) in environment units for observation(s) in environment units.
 
         obs: {"state": (B, S) or (S,), "rgb": (B, C, H, W) or (C, H, W) uint8 (image mode)}; numpy or torch.
         The encoder runs once per call whatever the step count K (default cfg.inference_steps, 1 = one network
-        evaluation). Returns numpy (B, Ta, Da), or (Ta, Da) for an unbatched observation."""
-        dev = self.state_min.device
-        state = torch.as_tensor(np.asarray(obs["state"]) if not torch.is_tensor(obs["state"]) else obs["state"], dtype=torch.float32, device=dev)
-        single = state.dim() == 1
-        if single:
-            state = state[None]
-        if state.shape[-1] != self.cfg.state_dim:
-            raise ValueError(f"obs['state'] has {state.shape[-1]} dims, the policy expects {self.cfg.state_dim}")
-        rgb = None
-        if self.cfg.obs_mode == "image":
-            if "rgb" not in obs:
-                raise ValueError("image policy needs obs['rgb'] (uint8, C x H x W)")
-            rgb = torch.as_tensor(obs["rgb"], device=dev)
-            if single:
-                rgb = rgb[None]
+        evaluation). noise: (B, Ta, Da), best on the policy's device. Returns numpy (B, Ta, Da), or (Ta, Da) for an
+        unbatched observation. Per call: the encoder, K head evaluations and a handful of fused ops (normalization
+        and un-normalization are one op each on cached constants, the schedule's time embeddings are cached); on
+        CUDA one host-to-device and one device-to-host copy."""
+        k = check_steps(self.cfg.inference_steps if steps is None else steps)
+        state, rgb, single = self.obs_tensors(obs)
         cond = self.encode(self.normalize_state(state), rgb)
-        a = self.unnormalize_action(self.sample(cond, steps or self.cfg.inference_steps, noise))
-        a = a.cpu().numpy()
+        a = self.unnormalize_action(self.sample(cond, k, noise)).cpu().numpy()
         return a[0] if single else a
 
 
@@ -430,12 +684,200 @@ def ema_update(ema, model, decay):
         be.copy_(bm)
 
 
+# ----------------------------------------------------------------------------- captured one-step act (deployment)
+
+class _ActCore(nn.Module):
+    """The tensor part of `act` for a fixed batch and step count: normalize -> encode -> K steps from the given
+    noise -> un-normalize, the same arithmetic as `act`. Noise is an input, so a captured graph holds no random state;
+    the normalization constants and the schedule's time embeddings are snapshots taken here (no caches to check, so
+    tracing, torch.compile and CUDA graph capture see plain tensor code)."""
+
+    def __init__(self, policy, steps, batch, device):
+        super().__init__()
+        self.policy = policy
+        with torch.no_grad():
+            self.s_lo = policy.state_min.detach().clone()
+            self.s_scale, self.s_off = (x.clone() for x in policy._norm_coefs("state", policy.state_min, policy.state_max))
+            lo, hi = policy.action_min.detach(), policy.action_max.detach()
+            self.a_half, self.a_mid = (hi - lo) / 2, (hi + lo) / 2
+            self.times = [(te.clone(), re.clone(), dt) for te, re, dt in policy._time_embs(steps, batch, device)]
+
+    def forward(self, state, noise, rgb=None):
+        p = self.policy
+        cond = p.encode(torch.addcmul(self.s_off, state - self.s_lo, self.s_scale), rgb)
+        z = noise
+        for te, re, dt in self.times:
+            u = p.head_from_emb(z, te, re, cond)
+            z = (z - u if dt == 1.0 else z - dt * u).clamp(-1, 1)
+        return torch.addcmul(self.a_mid, z, self.a_half)
+
+
+CAPTURE_MODES = ("auto", "trace", "compile", "graph")
+
+
+class CapturedAct:
+    """`act` for one batch size and step count, run through a captured graph (see compile_act). Call it like
+    `policy.act(obs, steps=None, noise=None)` -> numpy; `.act` is the same method and `.cfg` the policy's config, so it
+    stands in for the policy in a control loop. The weights are a snapshot: capture again after changing them."""
+
+    def __init__(self, policy, fn, batch, steps, mode, static=None):
+        self.policy, self.cfg, self._fn = policy, policy.cfg, fn
+        self.batch, self.steps, self.mode = batch, steps, mode
+        self._static = static               # graph mode: (pinned host buffer, device buffer, views, output)
+
+    def __call__(self, obs, steps=None, noise=None):
+        if steps is not None and check_steps(steps) != self.steps:
+            raise ValueError(f"this captured act runs K={self.steps} steps, got steps={steps}; capture another")
+        p = self.policy
+        with torch.inference_mode():
+            if self._static is not None:
+                return self._call_graph(obs, noise)
+            state, rgb, single = p.obs_tensors(obs)
+            if state.shape[0] != self.batch:
+                raise ValueError(f"this captured act takes batch {self.batch}, got {state.shape[0]}; capture another")
+            dev = state.device
+            z = (torch.randn(self.batch, self.cfg.chunk, self.cfg.act_dim, device=dev) if noise is None
+                 else torch.as_tensor(noise, dtype=torch.float32, device=dev))
+            a = (self._fn(state, z) if rgb is None else self._fn(state, z, rgb)).cpu().numpy()
+        return a[0] if single else a
+
+    act = __call__
+
+    def _call_graph(self, obs, noise):
+        host, shapes, out, graph, dev_buf = self._static
+        s = np.asarray(obs["state"].cpu() if torch.is_tensor(obs["state"]) else obs["state"], dtype=np.float32)
+        single = s.ndim == 1
+        s = s.reshape(-1, self.cfg.state_dim)
+        if s.shape[0] != self.batch:
+            raise ValueError(f"this captured act takes batch {self.batch}, got {s.shape[0]}; capture another")
+        # noise=None: drawn from torch's CPU generator (eager act on CUDA draws from the CUDA one)
+        z = torch.randn(shapes[1]) if noise is None else noise
+        arrays = [s, np.asarray(z.cpu() if torch.is_tensor(z) else z, dtype=np.float32).reshape(shapes[1])]
+        if shapes[2] is not None:
+            rgb = obs["rgb"]
+            arrays.append(np.asarray(rgb.cpu() if torch.is_tensor(rgb) else rgb, dtype=np.uint8).reshape(shapes[2]))
+        h = host.numpy()
+        for (o, nbytes), a in zip(shapes[3], arrays):      # fill the pinned staging buffer ...
+            h[o:o + nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        dev_buf.copy_(host, non_blocking=True)              # ... one host-to-device copy into the graph's inputs
+        graph.replay()
+        a = out.cpu().numpy()                               # one device-to-host copy
+        return a[0] if single else a
+
+
+def _example_inputs(policy, batch, dev):
+    cfg = policy.cfg
+    g = torch.Generator().manual_seed(0)
+    state = (torch.rand(batch, cfg.state_dim, generator=g) * 2 - 1).to(dev)
+    noise = torch.randn(batch, cfg.chunk, cfg.act_dim, generator=g).to(dev)
+    rgb = None
+    if cfg.obs_mode == "image":
+        rgb = torch.randint(0, 256, (batch, 3 * cfg.n_cameras, cfg.img_size, cfg.img_size), generator=g,
+                            dtype=torch.uint8).to(dev)
+    return state, noise, rgb
+
+
+def compile_act(policy, batch=1, steps=None, mode="auto"):
+    """A captured `act` for deployment: same inputs and outputs as `policy.act` (numpy or torch observations, batched
+    or not, `noise=`), for one batch size and step count K (default cfg.inference_steps). Modes:
+      trace   (CPU default) torch.jit.trace + torch.jit.freeze of normalize -> encoder -> K head evals ->
+              un-normalize: weights, normalization and the schedule's time embeddings become constants, convolutions
+              are pre-packed for oneDNN; same numbers as eager `act` up to float round-off (a test checks 1e-5).
+      compile torch.compile (CPU: default mode; CUDA: mode="reduce-overhead", i.e. CUDA graphs); slow to compile.
+      graph   (CUDA default) a CUDA graph of the whole call, replayed on static device buffers: one host-to-device
+              copy of a pinned buffer holding state, noise and image, one replay, one device-to-host copy.
+    The policy is put in eval mode. Capture again after the weights change."""
+    if mode not in CAPTURE_MODES:
+        raise ValueError(f"capture mode must be one of {CAPTURE_MODES}, got {mode!r}")
+    steps = check_steps(policy.cfg.inference_steps if steps is None else steps)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    policy.eval()
+    dev = policy.state_min.device
+    if mode == "auto":
+        mode = "graph" if dev.type == "cuda" else "trace"
+    if mode == "graph" and dev.type != "cuda":
+        raise ValueError("capture mode 'graph' needs the policy on a CUDA device; use 'trace' or 'compile' on CPU")
+    core = _ActCore(policy, steps, batch, dev).eval()
+    state, noise, rgb = _example_inputs(policy, batch, dev)
+    inputs = (state, noise) if rgb is None else (state, noise, rgb)
+    with torch.no_grad():                   # not inference_mode: tracing would bake inference tensors in as inputs
+        if mode == "trace":
+            with warnings.catch_warnings():     # batch and K are fixed by design (CapturedAct checks them)
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+                fn = torch.jit.freeze(torch.jit.trace(core, inputs, check_trace=False))
+                for _ in range(2):          # the profiling executor optimizes on the first calls
+                    fn(*inputs)
+            return CapturedAct(policy, fn, batch, steps, mode)
+        if mode == "compile":
+            fn = torch.compile(core, mode="reduce-overhead" if dev.type == "cuda" else None, fullgraph=True)
+            for _ in range(3):
+                fn(*inputs)
+            return CapturedAct(policy, fn, batch, steps, mode)
+        # graph: static device buffer = [state | noise | rgb], each slot 16-byte aligned, views as graph inputs
+        arrays = [state, noise] + ([rgb] if rgb is not None else [])
+        slots, n = [], 0
+        for a in arrays:
+            nbytes = a.numel() * a.element_size()
+            slots.append((n, nbytes))
+            n += -(-nbytes // 16) * 16
+        dev_buf = torch.zeros(n, dtype=torch.uint8, device=dev)
+        views = [dev_buf[o:o + nb].view(a.dtype).view(a.shape) for (o, nb), a in zip(slots, arrays)]
+        for v, a in zip(views, arrays):
+            v.copy_(a)
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):       # warm-up on a side stream (cuBLAS / cuDNN workspaces), as the docs ask
+            for _ in range(3):
+                core(*views)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = core(*views)
+        torch.cuda.synchronize(dev)
+        shapes = (views[0].shape, views[1].shape, views[2].shape if rgb is not None else None, slots)
+        return CapturedAct(policy, None, batch, steps, mode, static=(host, shapes, out, graph, dev_buf))
+
+
+# ----------------------------------------------------------------------------- device set-up for training
+
+def setup_device(device):
+    """Per-process settings for training on `device` (returns it as a torch.device). CUDA: TF32 tensor-core matmuls
+    and convolutions (10-bit mantissa inputs, fp32 accumulation) and cuDNN autotuning for the fixed training
+    shapes. CPU: nothing. Uses the legacy allow_tf32 flags only: mixing them with the newer fp32_precision API
+    makes torch.get_float32_matmul_precision() raise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def make_optimizer(params, lr, weight_decay=0.0, device="cpu"):
+    """AdamW; on CUDA the fused kernel (one launch for all parameters), on CPU the default implementation."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
 # ----------------------------------------------------------------------------- checkpoints
+
+def first_nonfinite(state, label):
+    """Name of the first floating tensor of a state dict (or flat dict of tensors) holding NaN or inf, else None:
+    e.g. "ema['head.inp.weight']"."""
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            return f"{label}[{k!r}]"
+    return None
+
 
 def save_checkpoint(path, policy, ema=None, step=0, extra=None):
     """One dict, readable with torch.load(weights_only=True): config, weights, EMA weights, normalization, step,
     plus `extra` (optimizer / scheduler state, args) for --resume. Written to a temp file then renamed, so a
-    killed run never leaves a half-written checkpoint under the final name."""
+    killed run never leaves a half-written checkpoint under the final name; a failed write removes its temp file.
+    Refuses (ValueError) weights or normalization with NaN or inf: a diverged run must not replace a good checkpoint."""
     ckpt = {
         "config": asdict(policy.cfg),
         "model": policy.state_dict(),
@@ -443,36 +885,80 @@ def save_checkpoint(path, policy, ema=None, step=0, extra=None):
         "normalization": {k: getattr(policy, k).detach().cpu().clone() for k in ("state_min", "state_max", "action_min", "action_max")},
         "step": int(step),
     }
+    for key in ("model", "ema", "normalization"):
+        bad = first_nonfinite(ckpt[key], key)
+        if bad:
+            raise ValueError(f"refusing to save checkpoint {path}: {bad} contains NaN or inf (a diverged run?)")
     if extra:
         ckpt.update(extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _looks_like_torch_file(path):
+    """torch.save writes a zip archive (or, in the legacy format, a pickle stream starting with 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict, or a one-line ValueError: unreadable file, not a DMPO checkpoint, or weights /
+    normalization holding NaN or inf."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        if not _looks_like_torch_file(path):
+            raise ValueError("not a torch checkpoint: neither a zip archive nor a pickle stream")
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # corrupted / not a torch file
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})".splitlines()[0]) from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = why.split(". ")[0][:200]       # torch's unpickler appends a paragraph of advice
+        if not isinstance(e, ValueError) or not why.startswith("not a torch checkpoint"):
+            why = f"not a torch checkpoint: {type(e).__name__}: {why}" if isinstance(e, (IndexError, EOFError, KeyError)) \
+                else f"{type(e).__name__}: {why}"
+        raise ValueError(f"checkpoint {path} could not be read ({why})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a DMPO checkpoint dict")
     missing = {"config", "model", "ema", "normalization", "step"} - set(ckpt)
     if missing:
         raise ValueError(f"checkpoint {path} lacks keys {sorted(missing)}; expected a DMPO checkpoint")
+    for key in ("model", "ema", "normalization"):
+        if not isinstance(ckpt[key], dict):
+            raise ValueError(f"checkpoint {path}: {key} is a {type(ckpt[key]).__name__}, expected a dict of tensors")
+        bad = first_nonfinite(ckpt[key], key)
+        if bad:
+            what = "weights" if key != "normalization" else "normalization"
+            raise ValueError(f"checkpoint {path}: {what} {bad} contain NaN or inf (a diverged run?); refusing to load")
     return ckpt
 
 
 def load_policy(path, device="cpu", use_ema=True):
     """Rebuild the policy from a checkpoint alone (no flags). Uses the EMA weights by default, as fine-tuning does."""
     ckpt = load_checkpoint(path, device)
-    cfg = PolicyConfig.from_dict(ckpt["config"])
+    try:
+        cfg = PolicyConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {path} has an invalid config: {e}") from None
     policy = make_policy(cfg, device)
     try:
         policy.load_state_dict(ckpt["ema" if use_ema else "model"])
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} weights do not match its config: {str(e).splitlines()[0]}") from None
+        # "Error(s) in loading state_dict for MeanFlowPolicy:\n\tsize mismatch for head.inp.weight: ..." -> keep the
+        # first line that names an actual mismatch
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines[1:]), lines[0] if lines else type(e).__name__)
+        raise ValueError(f"checkpoint {path} weights do not match its config: {detail}") from None
     for k, v in ckpt["normalization"].items():
         if not torch.equal(getattr(policy, k).cpu(), v.cpu()):
             raise ValueError(f"checkpoint {path}: normalization {k} disagrees with the weights' buffers")

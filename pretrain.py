@@ -8,9 +8,7 @@ Loop: sample (observation, action chunk) pairs that never cross an episode end -
 data's min/max (stored in the policy) -> MeanFlow loss + alpha_disp * dispersive loss -> AdamW with a
 warm-up + cosine learning rate -> EMA of the weights (what evaluation and fine-tuning use).
 """
-import argparse
 import copy
-import csv
 import math
 import sys
 import time
@@ -20,68 +18,142 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import evaluate
 import models
 import tasks
 
+# flags that may change when a run is resumed; every other setting comes from the checkpoint (cli.resume_settings)
+RUN_CONTROL = ("steps", "max_minutes", "eval_every", "eval_episodes", "eval_envs", "log_every", "save_every", "threads",
+               "device", "compile", "probe_size", "out", "resume")
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="lift", choices=sorted(tasks.TASKS), help="task from the table in tasks.py")
-    p.add_argument("--obs", default="state", choices=["state", "image"], help="low-dim state or camera images + proprio")
+# ----------------------------------------------------------------------------- settings: every default in one place
+# A run's settings are this table's values for its task family and --preset, overridden by the flags typed. The
+# effective values show in `python pretrain.py --task T [--obs image] [--preset paper] --help`, are printed when a run
+# starts and are stored in its checkpoint ("args").
+#   cpu    (default) sized for a 2-core CPU; the README's figures use it unless they say otherwise.
+#   paper  the released configs (91gaozhidao/dmpo cfg/robomimic/pretrain/*/pre_meanflow_dispersive_mlp_img.yaml and
+#          cfg/gym/pretrain/*/pre_improved_meanflow_dispersive_mlp.yaml): epochs over the dataset instead of steps,
+#          warm-up and EMA start in epochs, cosine to min_lr, batch 256 robomimic / 128 gym / 64 kitchen.
+# Network shapes (hidden_dim, cond_dims) follow the released configs in both presets.
+COMMON = dict(alpha_disp=0.5, disp_loss="infonce_l2", disp_temp=0.5, flow_ratio=0.5, min_lr_ratio=0.1, warmup=500,
+              weight_decay=1e-6, ema_decay=0.995, ema_every=10, ema_start=1000, grad_clip=1.0, inference_steps=1,
+              epochs=None, warmup_epochs=None, ema_start_epochs=None, demos=100)
+PRESETS = {
+    "cpu": {
+        "robomimic": dict(loss="meanflow", steps=30_000, batch_size=256, lr=1e-4, hidden_dim=512, cond_dims=[128, 32]),
+        "robomimic-image": dict(loss="meanflow", steps=100_000, batch_size=256, lr=1e-4, hidden_dim=768, cond_dims=[128, 32]),
+        "gym": dict(loss="imf", steps=30_000, batch_size=128, lr=1e-3, hidden_dim=512, cond_dims=[64, 16]),
+        "gym-large": dict(loss="imf", steps=30_000, batch_size=128, lr=1e-3, hidden_dim=512, cond_dims=[128, 32]),
+        "humanoid": dict(loss="imf", steps=30_000, batch_size=128, lr=1e-3, hidden_dim=768, cond_dims=[128, 32]),
+        "kitchen": dict(loss="imf", steps=30_000, batch_size=64, lr=1e-3, hidden_dim=256, cond_dims=[32, 16], demos=200),
+    },
+    "paper": {   # n_epochs; CosineAnnealingWarmupRestarts(first_cycle = n_epochs, warmup, min_lr); EMA reset before epoch 20
+        "robomimic": dict(loss="meanflow", epochs=2000, warmup_epochs=100, ema_start_epochs=20, batch_size=256, lr=1e-4,
+                          min_lr_ratio=0.1, hidden_dim=512, cond_dims=[128, 32]),
+        "robomimic-image": dict(loss="meanflow", epochs=2000, warmup_epochs=100, ema_start_epochs=20, batch_size=256,
+                                lr=1e-4, min_lr_ratio=0.1, hidden_dim=768, cond_dims=[128, 32]),
+        "gym": dict(loss="imf", epochs=40, warmup_epochs=5, ema_start_epochs=0, batch_size=128, lr=1e-3, min_lr_ratio=0.1,
+                    hidden_dim=512, cond_dims=[64, 16]),                       # hopper; walker2d: 80 epochs, warm-up 10
+        "gym-large": dict(loss="imf", epochs=50, warmup_epochs=5, ema_start_epochs=0, batch_size=128, lr=1e-4,
+                          min_lr_ratio=0.1, hidden_dim=512, cond_dims=[128, 32]),  # ant
+        "humanoid": dict(loss="imf", epochs=100, warmup_epochs=10, ema_start_epochs=0, batch_size=128, lr=5e-4,
+                         min_lr_ratio=0.02, hidden_dim=768, cond_dims=[128, 32]),
+        "kitchen": dict(loss="imf", epochs=3000, warmup_epochs=100, ema_start_epochs=20, batch_size=64, lr=1e-3,
+                        min_lr_ratio=0.1, hidden_dim=256, cond_dims=[32, 16], demos=200),  # partial/mixed: 5000 epochs
+    },
+}
+PAPER_TASK_EPOCHS = {"walker2d": (80, 10), "kitchen-partial": (5000, 100), "kitchen-mixed": (5000, 100)}
+
+
+def family(task, obs):
+    if task.suite == "robomimic" or task.suite == "robosuite":
+        return "robomimic-image" if obs == "image" else "robomimic"
+    if task.suite == "kitchen":
+        return "kitchen"
+    return {"hopper": "gym", "walker2d": "gym", "humanoid": "humanoid"}.get(task.name, "gym-large")
+
+
+def defaults(task, obs="state", preset="cpu"):
+    """The default of every training setting for this task, observation mode and preset (the table above)."""
+    task = tasks.get_task(task)
+    d = {**COMMON, **PRESETS[preset][family(task, obs)]}
+    if preset == "paper" and task.name in PAPER_TASK_EPOCHS:
+        d["epochs"], d["warmup_epochs"] = PAPER_TASK_EPOCHS[task.name]
+    return d
+
+
+def make_parser(task="lift", obs="state", preset="cpu"):
+    """The flags, with the defaults of `defaults(task, obs, preset)` (so --help shows the values a run would use)."""
+    d = defaults(task, obs, preset)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
+                           epilog=f"Defaults shown are for --task {task} --obs {obs} --preset {preset}; "
+                                  f"add those flags before --help to see another task's.")
+    p.add_argument("--task", default=task, choices=sorted(tasks.TASKS), help="task from the table in tasks.py")
+    p.add_argument("--obs", default=obs, choices=["state", "image"], help="low-dim state or camera images + proprio")
+    p.add_argument("--preset", default=preset, choices=sorted(PRESETS), help="cpu: sized for a 2-core CPU; paper: the released configs (epochs, schedules)")
     p.add_argument("--dataset", default=None, help="robomimic/D4RL hdf5 or DPPO train.npz (default: the task's own demos)")
     p.add_argument("--download", action="store_true", help="fetch the task's DMPO dataset into data/ and train on it")
     p.add_argument("--filter-key", default=None, help="robomimic hdf5 only: train on the demos listed in mask/<KEY> (e.g. better, clean)")
-    p.add_argument("--demos", type=int, default=None, help="scripted demos to collect when the default dataset is missing (default 100; 200 kitchen)")
-    p.add_argument("--loss", default=None, choices=list(models.LOSSES), help="meanflow, improved MeanFlow (imf), or flow matching (ReFlow baseline); default meanflow, imf for gym (as the reference)")
-    p.add_argument("--alpha-disp", type=float, default=0.5, help="weight of the dispersive loss (0 = plain MeanFlow)")
-    p.add_argument("--disp-loss", default="infonce_l2", choices=list(models.DISP_LOSSES), help="dispersive loss variant")
-    p.add_argument("--disp-temp", type=float, default=0.5, help="dispersive loss temperature")
-    p.add_argument("--flow-ratio", type=float, default=0.5, help="fraction of each batch trained with r = t")
-    p.add_argument("--steps", type=int, default=None, help="gradient steps (default: 30000 state, 100000 image)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 256 robomimic, 128 gym)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 robomimic, 1e-3 gym)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
-    p.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
-    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay per EMA update")
-    p.add_argument("--ema-every", type=int, default=10, help="gradient steps between EMA updates")
-    p.add_argument("--ema-start", type=int, default=1000, help="EMA copies the weights until this step")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    p.add_argument("--hidden-dim", type=int, default=None, help="velocity head width (default: 768 image, 512 state)")
-    p.add_argument("--cond-dims", type=int, nargs="+", default=None, help="state encoder MLP widths (default: task-specific)")
+    p.add_argument("--holdout-episodes", type=cli.nonneg_int, default=0, help="keep the last N episodes out of training; the embedding statistics are then measured on them")
+    p.add_argument("--probe-size", type=cli.positive_int, default=1024, help="observations whose embeddings give the logged collapse statistics (emb_* columns)")
+    p.add_argument("--demos", type=cli.positive_int, default=d["demos"], help="scripted demos to collect when the default dataset is missing")
+    p.add_argument("--loss", default=d["loss"], choices=list(models.LOSSES), help="meanflow, improved MeanFlow (imf), or flow matching (ReFlow baseline)")
+    p.add_argument("--alpha-disp", type=cli.nonneg_float, default=d["alpha_disp"], help="weight of the dispersive loss (0 = plain MeanFlow)")
+    p.add_argument("--disp-loss", default=d["disp_loss"], choices=list(models.DISP_LOSSES), help="dispersive loss variant")
+    p.add_argument("--disp-temp", type=cli.positive_float, default=d["disp_temp"], help="dispersive loss temperature")
+    p.add_argument("--flow-ratio", type=cli.probability, default=d["flow_ratio"], help="fraction of each batch trained with r = t")
+    p.add_argument("--steps", type=cli.positive_int, default=d.get("steps"), help="gradient steps (a typed --steps overrides the preset's --epochs)")
+    p.add_argument("--epochs", type=cli.positive_int, default=d["epochs"], help="passes over the dataset's chunks; sets --steps (and the *-epochs settings set theirs) once the data is loaded")
+    p.add_argument("--batch-size", type=cli.positive_int, default=d["batch_size"], help="batch size")
+    p.add_argument("--lr", type=cli.positive_float, default=d["lr"], help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=cli.probability, default=d["min_lr_ratio"], help="cosine decays to lr * this")
+    p.add_argument("--warmup", type=cli.nonneg_int, default=d["warmup"], help="linear warm-up steps")
+    p.add_argument("--warmup-epochs", type=cli.nonneg_int, default=d["warmup_epochs"], help="linear warm-up in epochs (sets --warmup)")
+    p.add_argument("--weight-decay", type=cli.nonneg_float, default=d["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--ema-decay", type=cli.fraction_open, default=d["ema_decay"], help="EMA decay per EMA update")
+    p.add_argument("--ema-every", type=cli.positive_int, default=d["ema_every"], help="gradient steps between EMA updates")
+    p.add_argument("--ema-start", type=cli.nonneg_int, default=d["ema_start"], help="EMA copies the weights until this step")
+    p.add_argument("--ema-start-epochs", type=cli.nonneg_int, default=d["ema_start_epochs"], help="the same in epochs (sets --ema-start)")
+    p.add_argument("--grad-clip", type=cli.nonneg_float, default=d["grad_clip"], help="max gradient norm (0 = off)")
+    p.add_argument("--hidden-dim", type=cli.positive_int, default=d["hidden_dim"], help="velocity head width")
+    p.add_argument("--cond-dims", type=cli.positive_int, nargs="+", default=d["cond_dims"], help="state encoder MLP widths")
     p.add_argument("--no-augment", action="store_true", help="disable random-shift image augmentation")
-    p.add_argument("--inference-steps", type=int, default=1, help="K used by act() and the in-training evaluation")
+    p.add_argument("--inference-steps", type=cli.positive_int, default=d["inference_steps"], help="K used by act() and the in-training evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed for torch/numpy")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<task>_<obs>_<loss>_a<alpha>_s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt")
-    p.add_argument("--log-every", type=int, default=100, help="steps between CSV rows")
-    p.add_argument("--save-every", type=int, default=2000, help="steps between checkpoints (latest.pt + step_N.pt)")
-    p.add_argument("--max-minutes", type=float, default=0, help="also stop (save, evaluate) once the run's wall time, resumes included, exceeds this; 0 = off")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations during training (0 = only at the end)")
-    p.add_argument("--eval-episodes", type=int, default=50, help="episodes per evaluation (0 disables evaluation)")
-    p.add_argument("--eval-envs", type=int, default=10, help="environments per evaluation vector")
-    return p.parse_args(argv)
+    p.add_argument("--device", type=cli.device, default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss (fewer kernel launches on a GPU; ~20 s to compile, then ~1.4x faster steps on this CPU; same batches, results equal up to float round-off)")
+    p.add_argument("--out", type=cli.out_dir, default=None, help="run directory (default: runs/<task>_<obs>_<loss>_a<alpha>_s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue <out>/latest.pt: training settings come from it; only --steps, --max-minutes, the eval/log/save intervals, --threads and --device may change (a differing training flag is an error)")
+    p.add_argument("--log-every", type=cli.positive_int, default=100, help="steps between CSV rows")
+    p.add_argument("--save-every", type=cli.positive_int, default=2000, help="steps between checkpoints (latest.pt + step_N.pt)")
+    p.add_argument("--max-minutes", type=cli.nonneg_float, default=0, help="also stop (save, evaluate) once the run's wall time, resumes included, exceeds this; 0 = off")
+    p.add_argument("--eval-every", type=cli.nonneg_int, default=0, help="steps between evaluations during training (0 = only at the end)")
+    p.add_argument("--eval-episodes", type=cli.nonneg_int, default=50, help="episodes per evaluation (0 disables evaluation)")
+    p.add_argument("--eval-envs", type=cli.positive_int, default=10, help="environments per evaluation vector")
+    return p
 
 
-def task_defaults(task, obs):
-    """Reference hyperparameters (method.md sections 1-2): robomimic MeanFlow, lr 1e-4, batch 256; Gym improved
-    MeanFlow (the released Gym checkpoints use iMF), lr 1e-3, batch 128;
-    state encoders [obs, 64, 16] for hopper/walker2d, [obs, 128, 32] for the larger state spaces;
-    Kitchen like Gym but batch 64, MLP [256]x3 and encoder [obs, 32, 16] (167k parameters)."""
-    kitchen = task.suite == "kitchen"
-    gym = task.suite == "gym" or kitchen
-    return {
-        "loss": "imf" if gym else "meanflow",
-        "steps": 100_000 if obs == "image" else 30_000,
-        "batch_size": 64 if kitchen else (128 if gym else 256),
-        "lr": 1e-3 if gym else 1e-4,
-        "hidden_dim": 256 if kitchen else (768 if obs == "image" or task.name == "humanoid" else 512),
-        "cond_dims": [32, 16] if kitchen else ([64, 16] if task.name in ("hopper", "walker2d") else [128, 32]),
-        "demos": 200 if kitchen else 100,
-    }
+def parser_for(argv):
+    """The parser whose defaults are those of the task/obs/preset named in argv (first pass: those three flags)."""
+    return make_parser(**cli.selectors(argv, task="lift", obs="state", preset="cpu", choices={"task": sorted(tasks.TASKS)}))
+
+
+def parse_args(argv=None):
+    return parser_for(argv).parse_args(argv)
+
+
+def epochs_to_steps(args, n_chunks):
+    """--epochs and the *-epochs settings become steps once the number of chunks is known (drop_last batches)."""
+    per_epoch = max(1, n_chunks // args.batch_size)
+    if args.epochs is not None:
+        args.steps = args.epochs * per_epoch
+    if args.warmup_epochs is not None:
+        args.warmup = args.warmup_epochs * per_epoch
+    if args.ema_start_epochs is not None:
+        args.ema_start = args.ema_start_epochs * per_epoch
+    return per_epoch
 
 
 def find_dataset(args, task):
@@ -96,17 +168,8 @@ def find_dataset(args, task):
     downloaded = tasks.downloaded_path(task, args.obs)
     if downloaded.exists():
         return str(downloaded)
-    import collect_demos
-    if task.name not in collect_demos.RUNNERS:
-        raise tasks.TaskError(f"no dataset for {task.name} at {path}: this task has no offline data maker yet; "
-                              f"run with --download (needs internet) or pass --dataset PATH to a DPPO/robomimic/D4RL file")
-    if task.name in collect_demos.TEACHERS:
-        print(f"{path} is missing: training a PPO teacher and rolling out 200k transitions "
-              f"(`python collect_demos.py --task {task.name}`; --demos does not apply)")
-    else:
-        print(f"{path} is missing: collecting {args.demos} demos with collect_demos.py "
-              f"(`python collect_demos.py --task {task.name} --episodes {args.demos}{' --images' if args.obs == 'image' else ''}`)")
-    collect_demos.collect(task.name, args.demos, images=args.obs == "image", out=str(path))
+    import collect_demos   # the documented quick start: the data maker runs when the default dataset is missing
+    collect_demos.make_missing(task.name, args.demos, args.obs == "image", str(path))
     return str(path)
 
 
@@ -119,32 +182,66 @@ def lr_at(step, args):
 
 
 CSV_COLS = ["step", "loss_total", "loss_flow", "loss_disp", "lr", "grad_norm", "wall_s", "samples_per_s",
-            "eval_steps", "eval_episodes", "success_rate", "ci_low", "ci_high", "return_mean", "length_mean"]
+            "emb_eff_rank", "emb_nn_ratio", "emb_norm",
+            "eval_steps", "eval_episodes", "eval_success_rate", "eval_ci_low", "eval_ci_high", "eval_return_mean",
+            "eval_length_mean"]
+
+
+def settings(argv):
+    """Flags -> the run's settings: the defaults table for the task/obs/preset, overridden by the typed flags;
+    --resume takes the training settings from the run's checkpoint (cli.resume_settings). Returns (args, task,
+    out dir, resume checkpoint or None)."""
+    parser = parser_for(argv)
+    args = parser.parse_args(argv)
+    typed = cli.explicit_flags(parser, argv)
+    if "steps" in typed and "epochs" not in typed:
+        args.epochs = None                    # a typed --steps overrides the preset's epochs
+    task = tasks.get_task(args.task)
+    out = Path(args.out or f"runs/{task.name}_{args.obs}_{args.loss}_a{args.alpha_disp:g}_s{args.seed}")
+    latest = out / "latest.pt"
+    if not args.resume:
+        if latest.exists():
+            raise ValueError(f"{latest} exists: pass --resume to continue it or --out to start a new run")
+        return args, task, out, None
+    if not latest.exists():
+        raise ValueError(f"--resume: {latest} does not exist")
+    ckpt = models.load_checkpoint(str(latest))
+    cli.require_stage(ckpt, "pretrain", latest)
+    tasks.check_layout(ckpt, ckpt["task"], latest)
+    saved = ckpt["args"]
+    run_defaults = vars(make_parser(saved["task"], saved.get("obs", "state"), saved.get("preset", "cpu")).parse_args([]))
+    args = cli.resume_settings(parser, argv, args, saved, RUN_CONTROL, latest, run_defaults)
+    args.epochs = args.warmup_epochs = args.ema_start_epochs = None   # already turned into steps when the run began
+    if args.steps <= ckpt["step"]:
+        raise ValueError(f"--resume: --steps {args.steps} is not beyond the run's step {ckpt['step']} ({latest}); "
+                         f"pass a larger --steps to continue")
+    return args, tasks.get_task(args.task), out, ckpt
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        task = tasks.get_task(args.task)
-        device = models.resolve_device(args.device)
-        for key, val in task_defaults(task, args.obs).items():
-            if getattr(args, key) is None:
-                setattr(args, key, val)
-        if min(args.steps, args.batch_size, args.log_every, args.save_every) < 1:
-            raise ValueError("--steps, --batch-size, --log-every and --save-every must be >= 1")
-        out = Path(args.out or f"runs/{task.name}_{args.obs}_{args.loss}_a{args.alpha_disp:g}_s{args.seed}")
-        latest = out / "latest.pt"
-        if latest.exists() and not args.resume:
-            raise ValueError(f"{latest} exists: pass --resume to continue it or --out to start a new run")
-        if args.resume and not latest.exists():
-            raise ValueError(f"--resume: {latest} does not exist")
+        args, task, out, resume_ckpt = settings(argv)
+        torch.set_num_threads(args.threads)
+        device = models.setup_device(models.resolve_device(args.device))   # CUDA: TF32 matmuls, cuDNN autotuning
         dataset_path = find_dataset(args, task)
         data = tasks.load_dataset(dataset_path, task, args.obs, filter_key=args.filter_key)
-    except (ValueError, tasks.TaskError) as e:
+        probe_data = data
+        if args.holdout_episodes:             # never trained on (nor in the normalization): the embedding probe
+            data, probe_data = data.split_last(args.holdout_episodes)
+        starts_np = tasks.chunk_starts(data, task.chunk)
+        epochs_to_steps(args, len(starts_np))
+        if len(starts_np) < args.batch_size:   # refused before a run directory is written
+            raise ValueError(f"{dataset_path}: {len(starts_np)} complete action chunks of {task.chunk} steps "
+                             f"(episodes of {int(np.min(data.episode_lengths)) if len(data.episode_lengths) else 0}"
+                             f"-{int(np.max(data.episode_lengths)) if len(data.episode_lengths) else 0} steps); "
+                             f"a batch needs --batch-size {args.batch_size}: use more or longer episodes or a smaller batch")
+    except (ValueError, FileNotFoundError, tasks.TaskError) as e:
         sys.exit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)
+    latest = out / "latest.pt"
+    for name in cli.remove_stale_tmp(out):
+        print(f"removed {out / name} (a partial checkpoint of a run killed while saving)")
+    print(cli.format_settings(args))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
@@ -159,66 +256,81 @@ def main(argv=None):
     stats = tasks.normalization_stats(data)
     policy.set_normalization(**stats)
     ema = copy.deepcopy(policy).requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = 0
-    if args.resume:
-        policy_r, ckpt = models.load_policy(str(latest), device, use_ema=False)
-        if policy_r.cfg != cfg:
-            sys.exit(f"error: --resume: {latest} was trained with a different config; use the same flags or a new --out")
-        policy.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
+    opt = models.make_optimizer(policy.parameters(), args.lr, args.weight_decay, device)   # fused AdamW on CUDA
+    step, wall_prev = 0, 0.0
+    if resume_ckpt is not None:
+        policy.load_state_dict(resume_ckpt["model"])
+        ema.load_state_dict(resume_ckpt["ema"])
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        torch.set_rng_state(resume_ckpt["rng"])
+        step, wall_prev = resume_ckpt["step"], resume_ckpt.get("wall_s", 0.0)
         print(f"resumed {latest} at step {step}")
 
     # --- the data, normalized once and kept on the device --------------------------------------------------
     states = policy.normalize_state(torch.as_tensor(data.states, device=device))
     actions = policy.normalize_action(torch.as_tensor(data.actions, device=device)).clamp(-1, 1)
     images = torch.as_tensor(data.images, device=device) if args.obs == "image" else None
-    starts = torch.as_tensor(tasks.chunk_starts(data, task.chunk), device=device)
+    starts = torch.as_tensor(starts_np, device=device)
     offsets = torch.arange(task.chunk, device=device)
+    # probe set of the collapse statistics: held-out episodes, else a fixed sample of the training observations
+    probe_states, probe_images = probe_data.probe(args.probe_size)
+    probe_states = policy.normalize_state(torch.as_tensor(probe_states, device=device))
+    probe_rgb = torch.as_tensor(probe_images, device=device) if args.obs == "image" else None
     print(f"{task.name} ({args.obs}): {len(data.episode_lengths)} episodes, {len(data)} steps, {len(starts)} chunks "
           f"from {dataset_path}; policy {models.count_params(policy) / 1e6:.2f}M params on {device}; run dir {out}")
 
+    wall0 = time.time() - wall_prev           # wall time of the run, resumes included
+
     def save(path):
         models.save_checkpoint(str(path), policy, ema, step, extra={
-            "task": task.name, "obs_mode": args.obs, "dataset": str(dataset_path), "args": vars(args),
-            "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "wall_s": time.time() - wall0})
+            "stage": "pretrain", "task": task.name, "obs_mode": args.obs, "obs_layout": tasks.OBS_LAYOUT,
+            "dataset": str(dataset_path),
+            "args": vars(args), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "wall_s": time.time() - wall0})
 
-    def run_eval():
-        rows = evaluate.evaluate_policy(ema, task, args.obs, args.eval_episodes, (args.inference_steps,),
-                                        args.eval_envs, progress=False)
-        r = rows[0]
-        return {"eval_steps": r["steps"], "eval_episodes": r["episodes"], "success_rate": r["success_rate"],
-                "ci_low": r["ci_low"], "ci_high": r["ci_high"], "return_mean": r["return_mean"],
-                "length_mean": r["length_mean"]}
+    def run_eval():                           # the EMA copy is what is evaluated (and fine-tuned)
+        r = evaluate.evaluate_policy(ema, task, args.obs, args.eval_episodes, (args.inference_steps,),
+                                     args.eval_envs, progress=False)[0]
+        return {"eval_steps": r["steps"], **{f"eval_{k}": r[k] for k in ("episodes", "success_rate", "ci_low",
+                                                                          "ci_high", "return_mean", "length_mean")}}
 
     csv_path = out / "log.csv"
-    if not args.resume:
-        with open(csv_path, "w", newline="") as f:
-            csv.DictWriter(f, CSV_COLS).writeheader()
-    wall0 = time.time() - (ckpt.get("wall_s", 0.0) if args.resume else 0.0)
+    cli.trim_csv(csv_path, CSV_COLS, "step", step)   # a new log, or the old one cut back to the checkpoint's step
     bar = tqdm(total=args.steps, initial=step, desc=f"pretrain {task.name}", dynamic_ncols=True)
     acc = {"loss_total": 0.0, "loss_flow": 0.0, "loss_disp": 0.0, "grad_norm": 0.0, "n": 0}
     t_log = time.time()
+    row = {}
     policy.train()
+    loss_fn = policy.loss
+    if args.compile:
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True   # draw t, r, noise with eager's RNG: the same batches as without it
+        loss_fn = torch.compile(policy.loss)
     while step < args.steps:
         # --- one gradient step on a random batch of (observation, action chunk) ---
         idx = starts[torch.randint(len(starts), (args.batch_size,), device=device)]
         rgb = images[idx] if images is not None else None
-        total, info = policy.loss(states[idx], actions[idx[:, None] + offsets], rgb)
+        total, info = loss_fn(states[idx], actions[idx[:, None] + offsets], rgb)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         opt.zero_grad(set_to_none=True)
         total.backward()
         gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        terms = {"loss_flow": float(info["loss_flow"]), "loss_disp": float(info["loss_disp"]),
+                 "loss_total": float(total.detach()), "grad_norm": float(gn)}
+        try:                                  # stop before a non-finite update reaches the weights or a checkpoint
+            cli.check_finite(step + 1, **terms)
+        except cli.NonFiniteError as e:
+            bar.close()
+            kept = f"the last good checkpoint is {latest} (step {models.load_checkpoint(str(latest))['step']})" \
+                if latest.exists() else "no checkpoint was written"
+            sys.exit(f"error: {e}; training stopped, {kept}")
         opt.step()
         step += 1
         if step % args.ema_every == 0:   # EMA every 10 steps with 0.995 (reference); plain copy before ema_start
             models.ema_update(ema, policy, args.ema_decay if step >= args.ema_start else 0.0)
-        for k, v in (("loss_total", total.detach()), ("loss_flow", info["loss_flow"]), ("loss_disp", info["loss_disp"]), ("grad_norm", gn)):
-            acc[k] += float(v)
+        for k, v in terms.items():
+            acc[k] += v
         acc["n"] += 1
         bar.update(1)
 
@@ -228,14 +340,13 @@ def main(argv=None):
         if step % args.log_every == 0 or last:
             row = {k: acc[k] / acc["n"] for k in ("loss_total", "loss_flow", "loss_disp", "grad_norm")}
             row.update(step=step, lr=lr_at(step - 1, args), wall_s=round(time.time() - wall0, 1),
-                       samples_per_s=round(acc["n"] * args.batch_size / (time.time() - t_log), 1))
+                       samples_per_s=round(acc["n"] * args.batch_size / (time.time() - t_log), 1),
+                       **{f"emb_{k}": v for k, v in ema.embedding_stats(probe_states, probe_rgb).items()})
             if args.eval_episodes > 0 and ((args.eval_every and step % args.eval_every == 0) or last):
                 row.update(run_eval())
-                policy.train()
-            with open(csv_path, "a", newline="") as f:
-                csv.DictWriter(f, CSV_COLS).writerow(row)
+            cli.append_csv(csv_path, CSV_COLS, row)
             bar.set_postfix_str(f"loss {row['loss_flow']:.4f} disp {row['loss_disp']:.3f}"
-                                + (f" success {row['success_rate']:.2f}" if "success_rate" in row else ""))
+                                + (f" success {row['eval_success_rate']:.2f}" if "eval_success_rate" in row else ""))
             acc = {k: 0.0 for k in acc}
             t_log = time.time()
         if step % args.save_every == 0 or last:   # a killed run loses at most one save interval
@@ -245,16 +356,14 @@ def main(argv=None):
         if last:
             break
     bar.close()
-    with open(csv_path) as f:
-        final = list(csv.DictReader(f))[-1]
-    msg = f"done: {step} steps in {(time.time() - wall0) / 60:.1f} min, final loss {float(final['loss_flow']):.4f}"
-    if final.get("success_rate"):                  # the last row was evaluated
+    msg = f"done: {step} steps in {(time.time() - wall0) / 60:.1f} min, final loss {row['loss_flow']:.4f}"
+    if "eval_success_rate" in row:                   # the last row was evaluated
         if task.suite == "gym":                      # locomotion has no success flag: report the return
-            msg += f", {final['eval_steps']}-step return {float(final['return_mean']):.1f}"
+            msg += f", {row['eval_steps']}-step return {row['eval_return_mean']:.1f}"
         else:
-            msg += (f", {final['eval_steps']}-step success {100 * float(final['success_rate']):.1f}% "
-                    f"[{100 * float(final['ci_low']):.1f}, {100 * float(final['ci_high']):.1f}]")
-        msg += f" over {final['eval_episodes']} episodes"
+            msg += (f", {row['eval_steps']}-step success {100 * row['eval_success_rate']:.1f}% "
+                    f"[{100 * row['eval_ci_low']:.1f}, {100 * row['eval_ci_high']:.1f}]")
+        msg += f" over {row['eval_episodes']} episodes"
     print(msg)
     print(f"checkpoint: {latest}  (evaluate: python evaluate.py --ckpt {latest})")
 

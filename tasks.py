@@ -7,6 +7,8 @@ Everything the stage scripts need to know about a task lives here:
   * load_dataset     -- robomimic hdf5 / D4RL hdf5 / DPPO-DMPO npz (/ local Minari) -> Dataset in env units
                         (D4RL kitchen-*-v0's 60-D observations are mapped onto FrankaKitchen-v1's 59-D ones)
   * write_robomimic_hdf5, download_dataset, chunk_starts, normalization_stats
+  * OBS_LAYOUT, check_layout -- robosuite tasks observe in the robomimic v1.4.1 / DPPO layout; old
+                        checkpoints (no "obs_layout") and robosuite-1.5-layout files are refused with one line
 
 User mistakes (missing files, wrong shapes, no renderer, offline) raise TaskError with one line, so the
 stage scripts can do `except TaskError as e: sys.exit(f"error: {e}")`.
@@ -52,7 +54,13 @@ class Task:
     hf_subdir: str  # DMPO-datasets folder; robomimic image data lives in f"{hf_subdir}-img"
     robots: tuple = ()
     proprio_keys: tuple = ()
-    object_key: str = ""  # robosuite 1.5 name; robomimic files call it "object"
+    object_key: str = ""  # robosuite's raw key; robomimic files (and our env's layout) call it "object"
+    # robosuite tasks: the public "object" vector as (observable name, width), in the robosuite-1.4.1 order that
+    # the robomimic v1.4.1 / DPPO / DMPO data were recorded with (OBS_LAYOUT); see ROBOSUITE_LAYOUT_SOURCES.
+    object_features: tuple = ()
+    # the same features in robosuite 1.5's "object-state" order, as (name, sign): what this project's env and
+    # files held before it adopted the v1.4.1 layout (LEGACY_OBS_LAYOUT); sign -1 = 1.5 negated the feature.
+    legacy_object_order: tuple = ()
     cameras: tuple = ()
     env_kwargs: tuple = ()  # extra gym.make kwargs as (key, value) pairs (keeps Task hashable)
     subtasks: tuple = ()  # kitchen: FrankaKitchen-v1 task names that make up the goal
@@ -65,28 +73,91 @@ VIDEO_SIZE = 256
 NO_CFRC = (("include_cfrc_ext_in_observation", False),)  # see _legacy_gym_columns
 KITCHEN_MKLS = ("microwave", "kettle", "light switch", "slide cabinet")
 
+# ----------------------------------------------------------------------------------------------
+# Observation layout of the robosuite tasks
+# ----------------------------------------------------------------------------------------------
+# The public robomimic v1.4.1 files (low_dim_v141.hdf5) and the DPPO/DMPO train.npz made from them were recorded
+# with robosuite 1.4.1 (DPPO pins it: irom-lab/dppo pyproject.toml, extra "robomimic"); robomimic stores
+# obs["object"] = robosuite's "object-state" recomputed from each stored sim state after sim.forward()
+# (ARISE-Initiative/robomimic robomimic/envs/env_robosuite.py, EnvRobosuite.reset_to / get_observation).
+# robosuite concatenates a modality's active observables in the order they were registered, so the order of
+# the sensors lists below is the layout. Read from ARISE-Initiative/robosuite v1.4.1 and v1.5.2 (the released
+# sources of those tags, as shipped in the PyPI wheels robosuite==1.4.1 / 1.5.2):
+#  * robot0_eef_pos: position of the gripper's grip_site (1.4.1 robosuite/robots/single_arm.py
+#    SingleArm.setup_observables; 1.5.2 robosuite/robots/robot.py Robot._create_arm_sensors). Same in both.
+#  * robot0_eef_quat: orientation of the hand *body* (robot0_right_hand), not of the grip site, xyzw, in both
+#    versions; 1.5 adds robot0_eef_quat_site (the site's orientation) and keeps eef_quat on the body for
+#    compatibility with 1.4-era datasets (robot.py docstring, robosuite issue #298). Hand body and grip site
+#    differ by a fixed rotation (the right_gripper body's quat in models/assets/grippers/panda_gripper.xml).
+#  * robot0_gripper_qpos: qpos of the two finger joints (finger_joint1/2 of the PandaGripper), same in both.
+#  * object quaternions are xyzw (robosuite's T.convert_quat(body_xquat, to="xyzw") or T.mat2quat, whose sign
+#    convention is w >= 0); the object-to-eef pose is the object pose in the frame (eef_pos, eef_quat), i.e.
+#    the grip-site position with the hand-body orientation (world_pose_in_gripper sensor), same in both.
+#  * lift: 1.4.1 environments/manipulation/lift.py Lift._setup_observables registers cube_pos, cube_quat,
+#    gripper_to_cube_pos = eef_pos - cube_pos. 1.5.2 keeps the order but builds gripper_to_cube_pos with
+#    ManipulationEnv._get_obj_eef_sensor (environments/manipulation/manipulation_env.py), which returns
+#    cube_pos - eef_pos: the last 3 dims are negated.
+#  * can (PickPlaceCan, object "Can") and square (NutAssemblySquare, object "SquareNut"): 1.4.1
+#    pick_place.py PickPlace._create_obj_sensors and nut_assembly.py NutAssembly._create_nut_sensors return
+#    [obj_pos, obj_quat, obj_to_eef_pos, obj_to_eef_quat]; 1.5.2's versions return the two relative sensors
+#    first, then obj_pos, obj_quat (in 1.5 the relative sensors also run before obj_pos/obj_quat refresh the
+#    observation cache, so robosuite 1.5's own relative pose uses the previous sample of the object pose).
+#  * transport (TwoArmTransport): 1.4.1 two_arm_transport.py TwoArmTransport._setup_observables: payload_pos,
+#    payload_quat, trash_pos, trash_quat, lid_handle_pos, lid_handle_quat, target_bin_pos, trash_bin_pos,
+#    gripper0_to_payload, gripper0_to_lid_handle, gripper1_to_payload, gripper1_to_trash (object - eef),
+#    payload_in_target_bin, trash_in_trash_bin (41 dims). 1.5.2 moves the two contact flags before the four
+#    gripper vectors (same signs). Poses come from models/objects/group/transport.py TransportGroup (same file
+#    in both versions; quaternions via T.mat2quat).
+# Our env computes these features itself from the simulator state (see RobosuiteEnv.layout_obs), so an
+# observation is a function of the stored sim state, as in robomimic's files.
+OBS_LAYOUT = "robomimic-v1.4"  # what our robosuite envs emit and collect_demos.py writes (data attrs obs_layout)
+LEGACY_OBS_LAYOUT = "robosuite-v1.5"  # robosuite 1.5's object-state order: this project's files/checkpoints of 2026-11 and earlier
+ROBOSUITE_LAYOUT_SOURCES = "ARISE-Initiative/robosuite v1.4.1 vs v1.5.2 (see the comment above OBS_LAYOUT)"
+
+
+def _pick_features(obj: str) -> tuple:
+    return ((f"{obj}_pos", 3), (f"{obj}_quat", 4), (f"{obj}_to_robot0_eef_pos", 3), (f"{obj}_to_robot0_eef_quat", 4))
+
+
+def _pick_legacy(obj: str) -> tuple:
+    return ((f"{obj}_to_robot0_eef_pos", 1), (f"{obj}_to_robot0_eef_quat", 1), (f"{obj}_pos", 1), (f"{obj}_quat", 1))
+
+
+LIFT_FEATURES = (("cube_pos", 3), ("cube_quat", 4), ("gripper_to_cube_pos", 3))
+LIFT_LEGACY = (("cube_pos", 1), ("cube_quat", 1), ("gripper_to_cube_pos", -1))
+_TRANSPORT_POSES = (("payload_pos", 3), ("payload_quat", 4), ("trash_pos", 3), ("trash_quat", 4),
+                    ("lid_handle_pos", 3), ("lid_handle_quat", 4), ("target_bin_pos", 3), ("trash_bin_pos", 3))
+_TRANSPORT_GRIPPERS = (("gripper0_to_payload", 3), ("gripper0_to_lid_handle", 3), ("gripper1_to_payload", 3),
+                       ("gripper1_to_trash", 3))
+_TRANSPORT_FLAGS = (("payload_in_target_bin", 1), ("trash_in_trash_bin", 1))
+TRANSPORT_FEATURES = _TRANSPORT_POSES + _TRANSPORT_GRIPPERS + _TRANSPORT_FLAGS
+TRANSPORT_LEGACY = tuple((name, 1) for name, _ in _TRANSPORT_POSES + _TRANSPORT_FLAGS + _TRANSPORT_GRIPPERS)
+
 # max_episode_steps: the DMPO fine-tuning horizons (lift 400, can/square 500, transport 800, gym 1000).
 # DPPO's robomimic eval configs use 300 for lift/can/square: pass max_episode_steps=300 to reproduce them.
-# gamma is per chunk: 0.999 robomimic, 0.99 gym and kitchen (method.md section 5).
+# gamma is per chunk: 0.999 robomimic, 0.99 gym and kitchen (the released configs, 91gaozhidao/dmpo cfg/*/finetune/*.yaml).
 # Kitchen: D4RL's kitchen-complete-v0 and kitchen-partial-v0 share one goal (microwave, kettle, light switch,
 # slide cabinet; they differ in their data), kitchen-mixed-v0 swaps the slide cabinet for the bottom burner.
 TASKS: dict[str, Task] = {
     "lift": Task("lift", "robosuite", "Lift", act_dim=7, obs_dim=19, chunk=4, max_episode_steps=400,
                  gamma=0.999, default_dataset="data/lift/demos.hdf5", hf_subdir="robomimic/lift",
                  robots=("Panda",), proprio_keys=PANDA, object_key="object-state",
-                 cameras=("robot0_eye_in_hand",)),
+                 cameras=("robot0_eye_in_hand",), object_features=LIFT_FEATURES, legacy_object_order=LIFT_LEGACY),
     "can": Task("can", "robosuite", "PickPlaceCan", act_dim=7, obs_dim=23, chunk=4, max_episode_steps=500,
                 gamma=0.999, default_dataset="data/can/demos.hdf5", hf_subdir="robomimic/can",
                 robots=("Panda",), proprio_keys=PANDA, object_key="object-state",
-                cameras=("robot0_eye_in_hand",)),
+                cameras=("robot0_eye_in_hand",), object_features=_pick_features("Can"),
+                legacy_object_order=_pick_legacy("Can")),
     "square": Task("square", "robosuite", "NutAssemblySquare", act_dim=7, obs_dim=23, chunk=4,
                    max_episode_steps=500, gamma=0.999, default_dataset="data/square/demos.hdf5",
                    hf_subdir="robomimic/square", robots=("Panda",), proprio_keys=PANDA,
-                   object_key="object-state", cameras=("agentview",)),
+                   object_key="object-state", cameras=("agentview",),
+                   object_features=_pick_features("SquareNut"), legacy_object_order=_pick_legacy("SquareNut")),
     "transport": Task("transport", "robosuite", "TwoArmTransport", act_dim=14, obs_dim=59, chunk=8,
                       max_episode_steps=800, gamma=0.999, default_dataset="data/transport/demos.hdf5",
                       hf_subdir="robomimic/transport", robots=("Panda", "Panda"), proprio_keys=TWO_PANDAS,
-                      object_key="object-state", cameras=("shouldercamera0", "shouldercamera1")),
+                      object_key="object-state", cameras=("shouldercamera0", "shouldercamera1"),
+                      object_features=TRANSPORT_FEATURES, legacy_object_order=TRANSPORT_LEGACY),
     "hopper": Task("hopper", "gym", "Hopper-v5", act_dim=3, obs_dim=11, chunk=4, max_episode_steps=1000,
                    gamma=0.99, default_dataset="data/hopper/medium.hdf5", hf_subdir="gym/hopper-medium-v2"),
     "walker2d": Task("walker2d", "gym", "Walker2d-v5", act_dim=6, obs_dim=17, chunk=4, max_episode_steps=1000,
@@ -197,7 +268,8 @@ def robosuite_kwargs(task: Task | str, obs_mode: str = "state", max_episode_step
 
 
 class RobosuiteEnv:
-    """A robosuite env with gymnasium-style reset/step, DPPO observation layout, world-frame OSC."""
+    """A robosuite env with gymnasium-style reset/step, world-frame OSC and the public observation layout
+    (OBS_LAYOUT: robomimic v1.4.1 / DPPO keys and order, computed from the sim state by layout_obs)."""
 
     def __init__(self, task: Task, obs_mode: str, seed: int, terminate_on_success: bool,
                  render_video: bool, max_episode_steps: int | None, dense_reward: bool = False):
@@ -212,11 +284,56 @@ class RobosuiteEnv:
         self.terminate_on_success = terminate_on_success
         kwargs = robosuite_kwargs(task, obs_mode, self.max_episode_steps, render_video, dense_reward)
         self.sim_env = robosuite.make(task.env_id, seed=seed, **kwargs)
-        self.keys = list(task.proprio_keys) + ([task.object_key] if obs_mode == "state" else [])
+        # robomimic's key names, in DPPO's order: proprio keys, then "object" (state mode)
+        self.keys = list(task.proprio_keys) + (["object"] if obs_mode == "state" else [])
         self.seed, self.t = seed, 0
+        self._scratch = self._scratch_model = self._contact_ids = None
+
+    def _kinematics(self, contacts: bool):
+        """A private MjData holding the sim's current state with fresh kinematics (and contacts if asked).
+
+        After a step, sim.data's poses still belong to the last sub-step's start (mj_step integrates after
+        computing them) and robosuite's observable cache was sampled two sub-steps earlier still. Recomputing
+        here makes the observation a function of sim.get_state(), exactly as in robomimic's files (state ->
+        sim.forward() -> observation), without touching sim.data: the simulation and the scripted experts, which
+        read sim.data, run bit for bit as before."""
+        import mujoco
+
+        model, src = self.sim_env.sim.model._model, self.sim_env.sim.data._data
+        if self._scratch_model is not model:  # first call, or robosuite rebuilt the model (hard reset)
+            self._scratch, self._scratch_model, self._contact_ids = mujoco.MjData(model), model, None
+        d = self._scratch
+        d.time = src.time
+        d.qpos[:], d.qvel[:] = src.qpos, src.qvel
+        d.mocap_pos[:], d.mocap_quat[:] = src.mocap_pos, src.mocap_quat
+        (mujoco.mj_fwdPosition if contacts else mujoco.mj_kinematics)(model, d)
+        return d
+
+    def layout_obs(self, with_object: bool | None = None) -> dict:
+        """{key: float64 array} for this task's state keys in OBS_LAYOUT (robomimic v1.4.1 names and order:
+        robot<i>_eef_pos, robot<i>_eef_quat, robot<i>_gripper_qpos, and "object" in task.object_features order),
+        computed from the simulator's current state. with_object defaults to state mode."""
+        with_object = self.obs_mode == "state" if with_object is None else with_object
+        needs_contacts = with_object and self.task.env_id == "TwoArmTransport"
+        d = self._kinematics(needs_contacts)
+        se, out, eef = self.sim_env, {}, []
+        for i, robot in enumerate(se.robots):
+            site = robot.eef_site_id["right"]
+            body = se.sim.model.body_name2id(robot.robot_model.eef_name["right"])
+            pos = d.site_xpos[site].copy()
+            quat = d.xquat[body][[1, 2, 3, 0]].copy()  # mujoco wxyz -> xyzw
+            out[f"robot{i}_eef_pos"], out[f"robot{i}_eef_quat"] = pos, quat
+            out[f"robot{i}_gripper_qpos"] = d.qpos[robot._ref_gripper_joint_pos_indexes["right"]].copy()
+            eef.append((pos, quat))
+        if with_object:
+            feats = _object_features(self, d, eef)
+            out["object"] = np.concatenate([np.ravel(feats[name]).astype(np.float64)
+                                            for name, _ in self.task.object_features])
+        return out
 
     def _obs(self, raw: dict) -> dict:
-        state = np.concatenate([np.ravel(raw[k]) for k in self.keys]).astype(np.float32)
+        values = self.layout_obs()
+        state = np.concatenate([np.ravel(values[k]) for k in self.keys]).astype(np.float32)
         if state.shape != (self.state_dim,):  # would mean a robosuite version with other obs sizes
             raise TaskError(f"{self.task.env_id}: state has {state.size} dims, expected {self.state_dim}")
         obs = {"state": state}
@@ -237,7 +354,8 @@ class RobosuiteEnv:
         if self.obs_mode == "state":
             # Right after reset some object sensors read a cache their sibling sensors have not filled yet
             # (PickPlaceCan returns zeros for part of object-state); a second pass gives the true values.
-            # Image mode skips it: that would render every camera again, and its proprio keys are fine.
+            # Our state comes from layout_obs, but collect_demos.py also stores robosuite's other robot keys.
+            # Image mode skips it: that would render every camera again.
             raw = self.sim_env._get_observations(force_update=True)
         return self._obs(raw)
 
@@ -261,8 +379,91 @@ class RobosuiteEnv:
         self.sim_env.close()
 
 
+def _object_features(env: RobosuiteEnv, d, eef: list) -> dict:
+    """robosuite 1.4.1's object observables of env's task, by name, from MjData d (fresh kinematics; contacts
+    for TwoArmTransport). eef = [(eef_pos, eef_quat xyzw)] per robot. Mirrors the 1.4.1 sensors cited above."""
+    import robosuite.utils.transform_utils as T
+
+    se, env_id = env.sim_env, env.task.env_id
+
+    def body_pose(body_id):
+        return d.xpos[body_id].copy(), d.xquat[body_id][[1, 2, 3, 0]].copy()
+
+    if env_id == "Lift":
+        pos, quat = body_pose(se.cube_body_id)
+        return {"cube_pos": pos, "cube_quat": quat, "gripper_to_cube_pos": eef[0][0] - pos}
+    if env_id in ("PickPlaceCan", "NutAssemblySquare"):
+        obj = {"PickPlaceCan": "Can", "NutAssemblySquare": "SquareNut"}[env_id]
+        pos, quat = body_pose(se.obj_body_id[obj])
+        # world_pose_in_gripper = inverse of (eef_pos, eef_quat); the object pose expressed in that frame
+        world_in_gripper = T.pose_inv(T.pose2mat(eef[0]))
+        rel_pos, rel_quat = T.mat2pose(T.pose_in_A_to_pose_in_B(T.pose2mat((pos, quat)), world_in_gripper))
+        return {f"{obj}_pos": pos, f"{obj}_quat": quat, f"{obj}_to_robot0_eef_pos": rel_pos,
+                f"{obj}_to_robot0_eef_quat": rel_quat}
+    if env_id == "TwoArmTransport":
+        tr = se.transport
+        if env._contact_ids is None:  # geom-name groups -> id sets, once per model
+            ids = lambda names: {se.sim.model.geom_name2id(n) for n in names}
+            env._contact_ids = [(ids(tr.target_bin.base_geoms), ids(tr.payload.contact_geoms)),
+                                (ids(tr.trash_bin.base_geoms), ids(tr.trash.contact_geoms))]
+        pairs = list(zip(d.contact.geom1[: d.ncon].tolist(), d.contact.geom2[: d.ncon].tolist()))
+
+        def touching(a, b):  # robosuite.utils.sim_utils.check_contact on d's contacts
+            return float(any((g1 in a and g2 in b) or (g1 in b and g2 in a) for g1, g2 in pairs))
+
+        f = {"payload_pos": d.xpos[tr.payload_body_id].copy(),
+             "payload_quat": T.mat2quat(d.xmat[tr.payload_body_id].reshape(3, 3)),
+             "trash_pos": d.xpos[tr.trash_body_id].copy(),
+             "trash_quat": T.mat2quat(d.xmat[tr.trash_body_id].reshape(3, 3)),
+             "lid_handle_pos": d.geom_xpos[tr.lid_handle_geom_ids[0]].copy(),
+             "lid_handle_quat": T.mat2quat(d.geom_xmat[tr.lid_handle_geom_ids[0]].reshape(3, 3)),
+             "target_bin_pos": d.geom_xpos[tr.target_bin_base_geom_ids[0]].copy(),
+             "trash_bin_pos": d.geom_xpos[tr.trash_bin_base_geom_ids[0]].copy()}
+        f.update(gripper0_to_payload=f["payload_pos"] - eef[0][0], gripper0_to_lid_handle=f["lid_handle_pos"] - eef[0][0],
+                 gripper1_to_payload=f["payload_pos"] - eef[1][0], gripper1_to_trash=f["trash_pos"] - eef[1][0],
+                 payload_in_target_bin=touching(*env._contact_ids[0]),
+                 trash_in_trash_bin=touching(*env._contact_ids[1]))
+        return f
+    raise TaskError(f"{env_id}: no public observation layout defined")
+
+
+def legacy_object_state(obj: np.ndarray, task: Task | str) -> np.ndarray:
+    """Map object vectors (..., D) from OBS_LAYOUT (task.object_features order) to robosuite 1.5's "object-state"
+    order (task.legacy_object_order, LEGACY_OBS_LAYOUT): what this project's env/files held before it adopted the v1.4.1 layout."""
+    task = get_task(task)
+    obj = np.asarray(obj)
+    offsets, start = {}, 0
+    for name, width in task.object_features:
+        offsets[name] = slice(start, start + width)
+        start += width
+    if obj.shape[-1] != start:
+        raise TaskError(f"task {task.name}: object vector has {obj.shape[-1]} dims, expected {start}")
+    return np.concatenate([sign * obj[..., offsets[name]] for name, sign in task.legacy_object_order], axis=-1)
+
+
+def check_layout(ckpt_or_layout, task: Task | str, path: str | os.PathLike = "", obs_mode: str | None = None) -> None:
+    """Refuse (TaskError, one line) a checkpoint or dataset whose observation layout differs from OBS_LAYOUT for a
+    robosuite task in state mode. ckpt_or_layout: a checkpoint dict (its "obs_layout" key; a missing key means
+    LEGACY_OBS_LAYOUT, i.e. trained before the v1.4.1 layout was adopted; obs_mode is read from ckpt["config"] if not given) or a
+    layout string (None = LEGACY_OBS_LAYOUT). gym/kitchen tasks and image mode (proprio keys only, whose layout
+    did not change) always pass."""
+    task = get_task(task)
+    if isinstance(ckpt_or_layout, dict):
+        layout = ckpt_or_layout.get("obs_layout") or LEGACY_OBS_LAYOUT
+        if obs_mode is None and isinstance(ckpt_or_layout.get("config"), dict):
+            obs_mode = ckpt_or_layout["config"].get("obs_mode")
+    else:
+        layout = ckpt_or_layout or LEGACY_OBS_LAYOUT
+    if task.suite != "robosuite" or (obs_mode or "state") != "state" or layout == OBS_LAYOUT:
+        return
+    what = "robosuite 1.5's object-state order, made before the v1.4.1 layout was adopted" if layout == LEGACY_OBS_LAYOUT else "unknown"
+    raise TaskError(f"{path or 'checkpoint'}: observation layout {layout!r} ({what}), but task {task.name} now uses "
+                    f"{OBS_LAYOUT!r} (the robomimic v1.4.1 / DPPO order): retrain from data in that layout "
+                    f"(re-collect with collect_demos.py, or check a file with `python collect_demos.py --check-data`)")
+
+
 class GymEnv:
-    """A gymnasium MuJoCo env with the same API as RobosuiteEnv (success is always False)."""
+    """A gymnasium MuJoCo env with the same API as RobosuiteEnv (success is always False). KitchenEnv extends it."""
 
     def __init__(self, task: Task, obs_mode: str, seed: int, render_video: bool,
                  max_episode_steps: int | None):
@@ -271,31 +472,38 @@ class GymEnv:
             raise TaskError(f"task {task.name} is state-only")
         if render_video:
             setup_rendering()
-        import gymnasium as gym
-
         self.task, self.seed = task, seed
         self.max_episode_steps = max_episode_steps or task.max_episode_steps
         kwargs = dict(task.env_kwargs)
         if render_video:
             kwargs.update(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE)
-        self.sim_env = gym.make(task.env_id, max_episode_steps=self.max_episode_steps, **kwargs)
+        self.sim_env = self._make(kwargs)
         self.low, self.high = self.sim_env.action_space.low, self.sim_env.action_space.high
         self.t = 0
+
+    def _make(self, kwargs):
+        import gymnasium as gym
+
+        return gym.make(self.task.env_id, max_episode_steps=self.max_episode_steps, **kwargs)
+
+    def _obs(self, obs) -> dict:
+        return {"state": np.asarray(obs, dtype=np.float32)}
 
     def reset(self, seed: int | None = None) -> dict:
         if seed is None:  # the first reset uses the constructor seed, later ones continue its stream
             seed, self.seed = self.seed, None
         self.t = 0
         obs, _ = self.sim_env.reset(seed=seed)
-        return {"state": np.asarray(obs, dtype=np.float32)}
+        return self._obs(obs)
+
+    def _clip(self, action: np.ndarray) -> np.ndarray:
+        return np.clip(np.asarray(action, dtype=np.float64).reshape(self.task.act_dim), self.low, self.high)
 
     def step(self, action: np.ndarray):
-        action = np.clip(np.asarray(action, dtype=np.float64).reshape(self.task.act_dim), self.low, self.high)
-        obs, reward, terminated, truncated, _ = self.sim_env.step(action)
+        obs, reward, terminated, truncated, _ = self.sim_env.step(self._clip(action))
         self.t += 1
         truncated = bool(truncated) or self.t >= self.max_episode_steps
-        return {"state": np.asarray(obs, dtype=np.float32)}, float(reward), bool(terminated), truncated, \
-            {"success": False}
+        return self._obs(obs), float(reward), bool(terminated), truncated, {"success": False}
 
     def render(self) -> np.ndarray:
         return self.sim_env.render()
@@ -307,7 +515,7 @@ class GymEnv:
 KITCHEN_DT = 0.08  # FrankaKitchen-v1 (and D4RL kitchen-v0): frame_skip 40 x timestep 0.002 s
 
 
-class KitchenEnv:
+class KitchenEnv(GymEnv):
     """FrankaKitchen-v1 (gymnasium-robotics) with the GymEnv API, for a fixed set of D4RL subtasks.
 
     obs["state"] is v1's 59-D "observation": robot qpos (9) + robot qvel (9) + object qpos (21) + object
@@ -320,46 +528,34 @@ class KitchenEnv:
     """
 
     def __init__(self, task: Task, obs_mode: str, seed: int, render_video: bool, max_episode_steps: int | None):
-        if obs_mode != "state":
-            raise TaskError(f"task {task.name} is state-only")
-        if render_video:
-            setup_rendering()
+        self.completed = []
+        super().__init__(task, obs_mode, seed, render_video, max_episode_steps)
+        self.low, self.high = -1.0, 1.0
+
+    def _make(self, kwargs):
         import gymnasium as gym
         import gymnasium_robotics
 
         gym.register_envs(gymnasium_robotics)  # registers FrankaKitchen-v1 (idempotent)
-        self.task, self.seed = task, seed
-        self.max_episode_steps = max_episode_steps or task.max_episode_steps
-        kwargs = dict(task.env_kwargs)
-        if render_video:
-            kwargs.update(render_mode="rgb_array", width=VIDEO_SIZE, height=VIDEO_SIZE)
         # The passive checker only warns that v1 hands out the same obs dict twice; we copy it anyway.
-        self.sim_env = gym.make(task.env_id, tasks_to_complete=list(task.subtasks), disable_env_checker=True,
-                                max_episode_steps=self.max_episode_steps, **kwargs)
-        self.t, self.completed = 0, []
+        return gym.make(self.task.env_id, tasks_to_complete=list(self.task.subtasks), disable_env_checker=True,
+                        max_episode_steps=self.max_episode_steps, **kwargs)
 
-    def reset(self, seed: int | None = None) -> dict:
-        if seed is None:  # the first reset uses the constructor seed, later ones continue its stream
-            seed, self.seed = self.seed, None
-        self.t, self.completed = 0, []
-        obs, _ = self.sim_env.reset(seed=seed)  # the start state is fixed; the seed drives observation noise
+    def _obs(self, obs) -> dict:
         return {"state": np.asarray(obs["observation"], dtype=np.float32)}
 
+    def reset(self, seed: int | None = None) -> dict:
+        self.completed = []  # the start state is fixed; the seed drives observation noise
+        return super().reset(seed)
+
     def step(self, action: np.ndarray):
-        action = np.clip(np.asarray(action, dtype=np.float64).reshape(self.task.act_dim), -1.0, 1.0)
-        obs, reward, terminated, truncated, info = self.sim_env.step(action)
+        obs, reward, terminated, truncated, info = self.sim_env.step(self._clip(action))
         self.t += 1
         self.completed += [name for name in info["step_task_completions"] if name not in self.completed]
         success = len(self.completed) == len(self.task.subtasks)
         truncated = (bool(truncated) or self.t >= self.max_episode_steps) and not terminated
-        return {"state": np.asarray(obs["observation"], dtype=np.float32)}, float(reward), bool(terminated), \
-            truncated, {"success": success, "completed": list(self.completed)}
-
-    def render(self) -> np.ndarray:
-        return self.sim_env.render()
-
-    def close(self):
-        self.sim_env.close()
+        return self._obs(obs), float(reward), bool(terminated), truncated, \
+            {"success": success, "completed": list(self.completed)}
 
 
 def make_env(task: Task | str, obs_mode: str = "state", seed: int = 0, terminate_on_success: bool = False,
@@ -385,7 +581,8 @@ def _stack(obs_list: list[dict]) -> dict:
 
 
 class ChunkVecEnv:
-    """n_envs envs, one whole action chunk per call; env i is seeded seed + i.
+    """n_envs envs, one action chunk per call (all of it, or the first actions the caller passes: evaluate.py
+    --act-steps re-plans after part of each chunk, as deploy_franka.py does); env i is seeded seed + i.
 
     workers=1 (default) steps the envs one after the other in this process: a gym MuJoCo step (~50 us) is cheaper than
     the pipe round trip to a subprocess. A robosuite step costs ~5 ms, so workers=W > 1 splits the envs over W
@@ -530,6 +727,54 @@ def _concat(batches: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Running statistics: observation and reward normalisation of the PPO loops (finetune.py, teacher.py)
+# ----------------------------------------------------------------------------------------------
+def standardize(x: np.ndarray, mean: np.ndarray, var: np.ndarray, clip: float = 10.0) -> np.ndarray:
+    """(x - mean) / sqrt(var + 1e-8), clipped to +-clip (gymnasium's NormalizeObservation)."""
+    return np.clip((x - mean) / np.sqrt(var + 1e-8), -clip, clip)
+
+
+class RunningMeanStd:
+    """Running mean/variance of batches (the parallel update of Chan et al.), as in gymnasium's Normalize* wrappers."""
+
+    def __init__(self, shape=()):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+
+    def update(self, x):
+        b_mean, b_var, n = x.mean(0), x.var(0), len(x)
+        delta, total = b_mean - self.mean, self.count + n
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + b_var * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+    def normalize(self, x, clip=10.0):
+        return standardize(x, self.mean, self.var, clip)
+
+
+class RewardScaler:
+    """r / std(running discounted return), clipped to +-10 (the reward scaling of the released DMPO code,
+    91gaozhidao/dmpo util/reward_scaling.py; gymnasium's NormalizeReward). Vectorized over envs; the discounted return
+    of an env restarts after its episode ends."""
+
+    def __init__(self, n_envs, gamma, clip=10.0):
+        self.gamma, self.clip = gamma, clip
+        self.ret = np.zeros(n_envs)
+        self.rms = RunningMeanStd()
+
+    def __call__(self, reward, done):
+        self.ret = self.ret * self.gamma + reward
+        self.rms.update(self.ret)
+        self.ret[done] = 0.0
+        return np.clip(reward / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
+
+    def state_dict(self):
+        return {"mean": float(self.rms.mean), "var": float(self.rms.var), "count": float(self.rms.count)}
+
+    def load_state_dict(self, d):
+        self.rms.mean, self.rms.var, self.rms.count = float(d["mean"]), float(d["var"]), float(d["count"])
+
+
+# ----------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -544,6 +789,25 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+    def probe(self, size: int, seed: int = 12345) -> tuple[np.ndarray, np.ndarray | None]:
+        """(states, images or None) of a fixed random subset of `size` observations (numpy's own generator, so
+        torch's stream is untouched): the probe set of the embedding statistics in pretrain.py and evaluate.py."""
+        pick = np.sort(np.random.default_rng(seed).choice(len(self), min(size, len(self)), replace=False))
+        return self.states[pick], (None if self.images is None else self.images[pick])
+
+    def split_last(self, n_episodes: int) -> tuple["Dataset", "Dataset"]:
+        """(the first E - n episodes, the last n): a held-out part that training never sees."""
+        if not 0 < n_episodes < len(self.episode_lengths):
+            raise TaskError(f"{self.path}: cannot hold out {n_episodes} of {len(self.episode_lengths)} episodes")
+        cut = int(self.episode_lengths[:-n_episodes].sum())
+
+        def part(sl, lengths):
+            return Dataset(self.states[sl], self.actions[sl], lengths,
+                           None if self.images is None else self.images[sl],
+                           None if self.rewards is None else self.rewards[sl], self.path)
+        return (part(slice(0, cut), self.episode_lengths[:-n_episodes]),
+                part(slice(cut, None), self.episode_lengths[-n_episodes:]))
 
 
 def chunk_starts(dataset: Dataset, chunk: int) -> np.ndarray:
@@ -672,6 +936,14 @@ def _read_robomimic(f: h5py.File, path: Path, task: Task, obs_mode: str, filter_
     if not names:
         raise TaskError(f"{path}: no demos under data/")
     keys = list(task.proprio_keys)
+    if obs_mode == "state" and task.suite == "robosuite":
+        layout = robomimic_file_layout(f)
+        if layout is not None and layout != OBS_LAYOUT:
+            how = ("marked" if "obs_layout" in data.attrs else
+                   f"recorded with robosuite {json.loads(data.attrs['env_args']).get('env_version')}, unmarked")
+            raise TaskError(f"{path}: observations in layout {layout!r} ({how}), but task {task.name} uses "
+                            f"{OBS_LAYOUT!r} (robomimic v1.4.1 object order); re-collect it with "
+                            f"collect_demos.py (`python collect_demos.py --check-data {path}` shows the difference)")
     if obs_mode == "state":
         # robomimic names robosuite's "object-state" "object"; accept both.
         first_obs = data[names[0]]["obs"] if "obs" in data[names[0]] else {}
@@ -698,6 +970,23 @@ def _read_robomimic(f: h5py.File, path: Path, task: Task, obs_mode: str, filter_
             raise TaskError(f"{path}: data/{name} has {lengths[-1]} actions but {len(states[-1])} observations")
     return Dataset(np.concatenate(states), np.concatenate(actions), np.array(lengths, dtype=np.int64),
                    np.concatenate(images) if cams else None, np.concatenate(rewards))
+
+
+def robomimic_file_layout(f: h5py.File) -> str | None:
+    """The observation layout of an open robomimic hdf5 file: data attrs "obs_layout" if present (collect_demos.py
+    writes it); else LEGACY_OBS_LAYOUT if env_args says the file was recorded with robosuite 1.5 (its
+    object-state order: this project's files before the v1.4.1 layout, and robomimic's own *_v15.hdf5 files); else None
+    (unknown: e.g. the public robomimic v1.4.1 files, which are in OBS_LAYOUT)."""
+    attrs = f["data"].attrs
+    if "obs_layout" in attrs:
+        value = attrs["obs_layout"]
+        return value.decode() if isinstance(value, bytes) else str(value)
+    try:
+        env_args = json.loads(attrs["env_args"]) if "env_args" in attrs else {}
+    except (TypeError, ValueError):
+        return None
+    version = str(env_args.get("env_version", "")) if isinstance(env_args, dict) else ""
+    return LEGACY_OBS_LAYOUT if version.startswith("1.5") else None
 
 
 def _read_d4rl(f: h5py.File, path: Path) -> Dataset:
@@ -812,11 +1101,13 @@ def _validate(ds: Dataset, path: Path, task: Task, obs_mode: str, state_dim: int
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing robomimic files and downloading DMPO datasets
+# Writing robomimic / D4RL files and downloading DMPO datasets
 # ----------------------------------------------------------------------------------------------
 def write_robomimic_hdf5(path: str | os.PathLike, episodes: list[dict], env_args: dict,
-                         compress_images: bool = True) -> None:
+                         compress_images: bool = True, obs_layout: str | None = None) -> None:
     """Write episodes in robomimic's layout, atomically (path + ".tmp", then os.replace).
+
+    obs_layout (e.g. OBS_LAYOUT) is stored as data attrs "obs_layout", the marker load_dataset checks.
 
     Each episode: actions (T,A), states (T,S) flattened sim states, rewards (T,), dones (T,),
     obs {key: (T,...)}, optional next_obs {key: (T,...)} and model_file (MJCF xml string).
@@ -832,6 +1123,8 @@ def write_robomimic_hdf5(path: str | os.PathLike, episodes: list[dict], env_args
         data = f.create_group("data")
         data.attrs["total"] = int(sum(len(ep["actions"]) for ep in episodes))
         data.attrs["env_args"] = json.dumps(env_args)
+        if obs_layout is not None:
+            data.attrs["obs_layout"] = obs_layout
         for name, ep in zip(names, episodes):
             g = data.create_group(name)
             g.attrs["num_samples"] = int(len(ep["actions"]))
@@ -847,6 +1140,25 @@ def write_robomimic_hdf5(path: str | os.PathLike, episodes: list[dict], env_args
         f.create_dataset("mask/train", data=np.array(names[:len(names) - n_valid], dtype="S"))
         f.create_dataset("mask/valid", data=np.array(names[len(names) - n_valid:], dtype="S"))
     os.replace(tmp, path)
+
+
+def write_d4rl_hdf5(path, data: dict, metadata: dict):
+    """D4RL layout (observations, actions, rewards float32; terminals, timeouts bool) plus metadata/ attrs;
+    atomic: written to path + ".tmp", then renamed (the .tmp is removed if writing fails)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in data.items():
+                f.create_dataset(key, data=value)
+            meta = f.create_group("metadata")
+            for key, value in metadata.items():
+                meta.attrs[key] = value
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 HF_BASE_URL = "https://huggingface.co/datasets/Guowei-Zou/DMPO-datasets/resolve/main"

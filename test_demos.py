@@ -17,6 +17,7 @@ import torch
 
 import collect_demos
 import tasks
+import teacher
 from collect_demos import collect
 
 # Choose MUJOCO_GL before anything imports mujoco (robosuite would otherwise pick one for the image test).
@@ -95,25 +96,106 @@ def test_robomimic_layout(lift2):
         assert sorted(masks) == names
 
 
+def _replay(env, state):
+    """Our env's observation (tasks.OBS_LAYOUT keys) of one stored sim state."""
+    env.sim_env.sim.set_state_from_flattened(state)
+    env.sim_env.sim.forward()
+    return env.layout_obs(with_object=True)
+
+
 def test_states_reproduce_observations(lift2):
-    """Each stored sim state, loaded into a fresh env, gives the stored observations."""
+    """Round trip: each stored sim state, set into a fresh env, gives the file's stored observations (every
+    state key, in the public layout), and the file says which layout it holds."""
     _, out = lift2
     demos = read_demos(out)
+    with h5py.File(out, "r") as f:
+        assert f["data"].attrs["obs_layout"] == tasks.OBS_LAYOUT
     env = tasks.make_env("lift", seed=0)
     env.reset()
-    sim_env = env.sim_env
+    keys = list(tasks.TASKS["lift"].proprio_keys) + ["object"]
     checked = 0
     for demo in demos.values():
         T = len(demo["actions"])
-        for t in sorted({0, T // 2, T - 1}):
-            sim_env.sim.set_state_from_flattened(demo["states"][t])
-            sim_env.sim.forward()
-            raw = sim_env._get_observations(force_update=True)
-            np.testing.assert_allclose(raw["robot0_eef_pos"], demo["obs"]["robot0_eef_pos"][t], atol=1e-3)
-            np.testing.assert_allclose(raw["object-state"], demo["obs"]["object"][t], atol=1e-3)
+        for t in sorted({0, 1, T // 2, T - 1}):
+            ours = _replay(env, demo["states"][t])
+            for k in keys:
+                np.testing.assert_allclose(ours[k], demo["obs"][k][t], rtol=0, atol=1e-9, err_msg=k)
             checked += 1
+    # and the env's own step observations are those stored (obs[t] is the observation before actions[t])
+    demo = demos["demo_0"]
+    obs = env.reset(seed=0)
+    ds_states = np.concatenate([demo["obs"][k] for k in keys], axis=1)
+    np.testing.assert_allclose(obs["state"], ds_states[0], atol=1e-6)
     env.close()
-    assert checked >= 4
+    assert checked >= 8
+
+
+def _legacy_copy(src, dst, task):
+    """A copy of a robomimic file whose obs/object is rearranged into robosuite 1.5's object-state order and
+    whose layout marker is gone: what this project's files held before it adopted the v1.4.1 layout."""
+    import shutil
+    shutil.copy(src, dst)
+    with h5py.File(dst, "a") as f:
+        del f["data"].attrs["obs_layout"]
+        for name in f["data"]:
+            obj = f[f"data/{name}/obs/object"][:]
+            f[f"data/{name}/obs/object"][...] = tasks.legacy_object_state(obj, task)
+
+
+def test_check_data_fits_our_file_and_spots_the_old_order(lift2, tmp_path):
+    _, out = lift2
+    report = collect_demos.check_data(out, demos=2)
+    assert report["fits"] and report["task"] == "lift" and report["file_layout"] == tasks.OBS_LAYOUT
+    assert report["steps"] > 50 and all(d.max() == 0 for d in report["diff"].values())
+    legacy = tmp_path / "legacy.hdf5"
+    _legacy_copy(out, legacy, "lift")
+    report = collect_demos.check_data(legacy, demos=2)
+    assert not report["fits"] and report["legacy"] and list(report["bad"]) == ["object"]
+    assert report["bad"]["object"] == [7, 8, 9]  # lift: 1.5 negated gripper_to_cube_pos
+    assert "robosuite 1.5's object-state order" in report["verdict"]
+    # robosuite 1.5 files without a marker are refused by the loader, marked ones too; unmarked 1.4-era load
+    with pytest.raises(tasks.TaskError, match=r"legacy.hdf5: observations in layout 'robosuite-v1.5'.*--check-data"):
+        tasks.load_dataset(legacy, "lift")
+    for version, marker, loads in (("1.4.1", None, True), ("1.5.2", tasks.LEGACY_OBS_LAYOUT, False),
+                                   ("1.4.1", tasks.LEGACY_OBS_LAYOUT, False), ("1.5.2", tasks.OBS_LAYOUT, True)):
+        with h5py.File(legacy, "a") as f:
+            env_args = json.loads(f["data"].attrs["env_args"])
+            f["data"].attrs["env_args"] = json.dumps({**env_args, "env_version": version})
+            if marker is None:
+                f["data"].attrs.pop("obs_layout", None)
+            else:
+                f["data"].attrs["obs_layout"] = marker
+        if loads:
+            assert tasks.load_dataset(legacy, "lift").states.shape[1] == 19
+        else:
+            with pytest.raises(tasks.TaskError, match="re-collect"):
+                tasks.load_dataset(legacy, "lift")
+
+
+def test_check_data_cli(lift2, tmp_path, monkeypatch, capsys):
+    _, out = lift2
+
+    def main(*argv):  # collect_demos.main in this process: exit code, stdout, stderr
+        monkeypatch.setattr(sys, "argv", ["collect_demos.py", "--check-data", *map(str, argv)])
+        with pytest.raises(SystemExit) as e:
+            collect_demos.main()
+        o, err = capsys.readouterr()
+        return e.value.code, o, err
+
+    code, o, _ = main(out, "--demos", "1")
+    assert code == 0 and "object[7:10]" in o and "gripper_to_cube_pos" in o
+    assert o.strip().splitlines()[-1].startswith("fits: ")
+    for bad, message in ((tmp_path / "missing.hdf5", "file not found"), (HERE / "pytest.ini", "not a readable hdf5")):
+        code, _, err = main(bad)
+        assert code == 2 and err.strip().startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    # one real command line, on a file in the old (robosuite 1.5) order
+    legacy = tmp_path / "lift_legacy.hdf5"
+    _legacy_copy(out, legacy, "lift")
+    r = subprocess.run([sys.executable, str(HERE / "collect_demos.py"), "--check-data", str(legacy), "--demos", "1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("does not fit: object[7-9]") and "robosuite 1.5's object-state order" in last
 
 
 @pytest.mark.parametrize("task", ["can", "square"])
@@ -123,6 +205,12 @@ def test_can_and_square_succeed(task, tmp_path):
     assert s["successes"] == 1 and s["episodes_written"] == 1
     ds = tasks.load_dataset(out, task)
     assert ds.states.shape[1] == 23 and len(ds.episode_lengths) == 1
+    # the stored observations are the public layout of the stored states; the old order is spotted
+    report = collect_demos.check_data(out)
+    assert report["fits"] and report["steps"] == len(ds) and max(d.max() for d in report["diff"].values()) == 0
+    _legacy_copy(out, tmp_path / "legacy.hdf5", task)
+    report = collect_demos.check_data(tmp_path / "legacy.hdf5")
+    assert not report["fits"] and report["legacy"] and report["bad"]["object"] == list(range(14))
     # the last stored state (a few steps past the first success) still counts as a success
     states = read_demos(out)["demo_0"]["states"]
     env = tasks.make_env(task, seed=0)
@@ -154,13 +242,18 @@ def test_transport_two_arm_demo(tmp_path):
         states = g["states"][:]
     ds = tasks.load_dataset(out, "transport")
     assert ds.states.shape == (T, 59) and ds.actions.shape == (T, 14)
+    with h5py.File(out, "r") as f:
+        stored = {k: v[:] for k, v in f["data/demo_0/obs"].items()}
     env = tasks.make_env("transport", seed=0)
     env.reset()
     sim = env.sim_env.sim
-    for t, want in ((0, False), (T - 1, True)):  # both the trash and the hammer are in their bins at the end
-        sim.set_state_from_flattened(states[t])
-        sim.forward()
+    for t, want in ((0, False), (T // 2, False), (T - 1, True)):  # trash and hammer are in their bins at the end
+        ours = _replay(env, states[t])
         assert env.sim_env._check_success() == want
+        for k in tasks.TASKS["transport"].proprio_keys + ("object",):  # round trip, 41-D object in 1.4.1 order
+            np.testing.assert_allclose(ours[k], stored[k][t], rtol=0, atol=1e-9, err_msg=k)
+        if t != T // 2:  # the last two object dims are payload_in_target_bin, trash_in_trash_bin (success contacts)
+            assert list(ours["object"][-2:]) == [float(want), float(want)]
     env.close()
 
 
@@ -179,7 +272,7 @@ def test_image_demos(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "kitchen"], "argument --task: invalid choice: 'kitchen'"),
-    (["--task", "lift", "--episodes", "0"], "error: --episodes must be >= 1, got 0"),
+    (["--task", "lift", "--episodes", "0"], "error: argument --episodes: expected an integer >= 1, got '0'"),
     (["--task", "hopper", "--images"], "error: task hopper is state-only: drop --images"),
 ])
 def test_cli_errors(argv, message, tmp_path):
@@ -300,7 +393,7 @@ def test_hopper_teacher_checkpoints_and_choice(hopper_tiny):
 def test_hopper_teacher_is_deterministic_and_stops_at_target(hopper_tiny, tmp_path, monkeypatch):
     """Same seed -> the same checkpoint weights; a checkpoint within tolerance stops training there."""
     _, _, root = hopper_tiny
-    monkeypatch.setattr(collect_demos, "TARGET_TOL", 100.0)  # every score is a (confirmed) hit
+    monkeypatch.setattr(teacher, "TARGET_TOL", 100.0)  # every score is a (confirmed) hit
     s2 = collect("hopper", out=str(tmp_path / "h.hdf5"), seed=0, teacher_dir=str(tmp_path / "ckpt"),
                  progress=False, **{**TINY, "teacher_steps": 6144, "transitions": 200})
     assert list(s2["checkpoints"]) == [2048] and s2["teacher_steps"] == 2048
@@ -314,8 +407,8 @@ def test_rollout_marks_truncations_as_timeouts(hopper_tiny):
     """With a 15-step limit: episodes that reach it end in a timeout, never a terminal."""
     _, _, root = hopper_tiny
     short = dataclasses.replace(tasks.TASKS["hopper"], max_episode_steps=15)
-    agent = collect_demos.load_teacher(root / "ckpt" / "step_0004096.pt", short)
-    data = collect_demos.rollout(agent, short, seed=5, transitions=300)["data"]
+    agent = teacher.load_teacher(root / "ckpt" / "step_0004096.pt", short)
+    data = teacher.rollout(agent, short, seed=5, transitions=300)["data"]
     ref = replay(short, 5, data)
     ends = np.flatnonzero(data["terminals"] | data["timeouts"])
     assert data["timeouts"][:-1].sum() >= 5 and np.diff(np.r_[-1, ends]).max() <= 15

@@ -13,7 +13,7 @@ import torch
 
 import deploy_franka as dep
 from models import PolicyConfig, make_policy, save_checkpoint
-from tasks import TASKS, make_env, obs_dims
+from tasks import OBS_LAYOUT, TASKS, make_env, obs_dims
 
 HZ = 20.0
 SCALES = dep.controller_scales(TASKS["lift"])
@@ -30,7 +30,7 @@ def write_lift_checkpoint(path, extra=None):
     torch.manual_seed(0)
     state_dim, _ = obs_dims("lift", "state")
     policy = make_policy(PolicyConfig(state_dim=state_dim, act_dim=TASKS["lift"].act_dim, chunk=TASKS["lift"].chunk))
-    save_checkpoint(str(path), policy, extra=extra)
+    save_checkpoint(str(path), policy, extra={"obs_layout": OBS_LAYOUT, **(extra or {})})
     return str(path)
 
 
@@ -81,6 +81,22 @@ def test_cli_runs_n_steps_at_target_rate_and_writes_csv(tmp_path):
     first, last = rows[0], rows[-1]
     moved = np.linalg.norm([float(last[f"meas_{a}"]) - float(first[f"meas_{a}"]) for a in "xyz"])
     assert moved > 1e-3  # the simulated arm really followed the commands
+
+
+def test_cli_capture_trace_gives_the_eager_commands(tmp_path):
+    """--capture trace (models.compile_act) drives the same loop with the same actions as the eager policy."""
+    ckpt = write_lift_checkpoint(tmp_path / "ckpt.pt", extra={"task": "lift", "obs_mode": "state"})
+    cmds = {}
+    for capture in ("none", "trace"):
+        log = tmp_path / f"{capture}.csv"
+        s = dep.main(["--ckpt", ckpt, "--backend", "sim", "--hz", "50", "--steps", "8", "--log", str(log),
+                      "--capture", capture])
+        assert s["steps"] == 8 and s["reason"] == "done" and s["inferences"] == 2
+        cmds[capture] = np.array([[float(r[f"cmd_{a}"]) for a in "xyz"] for r in read_rows(log)])
+    np.testing.assert_allclose(cmds["trace"], cmds["none"], atol=2e-6)
+    with pytest.raises(SystemExit, match="--capture graph"):
+        dep.main(["--ckpt", ckpt, "--backend", "sim", "--steps", "1", "--capture", "graph", "--log",
+                  str(tmp_path / "g.csv")])
 
 
 def test_watchdog_trips_when_the_policy_sleeps_past_the_deadline(lift_env, tmp_path):

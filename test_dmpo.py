@@ -34,6 +34,12 @@ def test_jvp_matches_finite_difference():
     h = 1e-5
     fd = (fn(z + h * v, r, t + h) - fn(z - h * v, r, t - h)) / (2 * h)
     assert torch.allclose(dudt, fd, atol=1e-6, rtol=1e-5)
+    # the hand-written forward mode the losses use gives the same derivative (also with two residual blocks)
+    assert torch.allclose(p.velocity_dt(z, r, t, cond, v), dudt, atol=1e-12)
+    p2 = m.make_policy(small_cfg(n_res_blocks=2)).double()
+    fn2 = lambda z_, r_, t_: p2.velocity(z_, r_, t_, cond)
+    _, d2 = torch.func.jvp(fn2, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    assert torch.allclose(p2.velocity_dt(z, r, t, cond, v), d2, atol=1e-12)
     # and the tangent really matters: dropping the z-direction changes the derivative
     _, dudt_t_only = torch.func.jvp(fn, (z, r, t), (torch.zeros_like(v), torch.zeros_like(r), torch.ones_like(t)))
     assert not torch.allclose(dudt, dudt_t_only, atol=1e-4)
@@ -91,6 +97,176 @@ def test_k1_sampling_is_z_minus_u():
             h = (z - 0.5 * p.velocity(z, torch.full((8,), 0.5), torch.ones(8), cond)).clamp(-1, 1)
             two = (h - 0.5 * p.velocity(h, torch.zeros(8), torch.full((8,), 0.5), cond)).clamp(-1, 1)
             assert torch.allclose(p.sample(cond, 2, z), two)
+
+
+def _old_full_batch_loss(p, state_n, action_n, rgb=None):
+    """Reference: the loss as it was before the r = t / r < t split (one JVP over the whole batch)."""
+    cfg = p.cfg
+    x = action_n.clamp(-1, 1)
+    cond = p.encode(state_n, rgb)
+    eps = torch.randn_like(x)
+    t, r = p.sample_t_r(x.shape[0], x.device)
+    tb, rb = t[:, None, None], r[:, None, None]
+    z = (1 - tb) * x + tb * eps
+    v = eps - x
+    u_fn = lambda z_, r_, t_: p.velocity(z_, r_, t_, cond)
+    if cfg.loss == "meanflow":
+        u, dudt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        err = (u - (v - (tb - rb) * dudt).detach()).pow(2)
+    else:
+        with torch.no_grad():
+            v_pred = u_fn(z, t, t)
+        u, dudt = torch.func.jvp(u_fn, (z, r, t), (v_pred, torch.zeros_like(r), torch.ones_like(t)))
+        err = (u + (tb - rb) * dudt.detach() - v).pow(2)
+    per_item = err.flatten(1).mean(1)
+    if cfg.adaptive_weight:
+        per_item = per_item / (per_item.detach() + cfg.adaptive_c).pow(cfg.adaptive_p)
+    loss_flow = per_item.mean()
+    return loss_flow + cfg.alpha_disp * m.dispersive_loss(cond, cfg.disp_loss, cfg.disp_temp), loss_flow
+
+
+@pytest.mark.parametrize("loss", ["meanflow", "imf"])
+@pytest.mark.parametrize("flow_ratio", [0.0, 0.5, 1.0])
+def test_split_loss_matches_full_batch_jvp(loss, flow_ratio):
+    """JVP only for the r < t items (hand-written forward mode or torch.func.jvp): same loss and gradients as the
+    full-batch torch.func.jvp formulation, same RNG consumption."""
+    g = torch.Generator().manual_seed(3)
+    state, act = torch.rand(24, 5, generator=g) * 2 - 1, torch.rand(24, 4, 3, generator=g) * 2 - 1
+    for adaptive, impl in ((False, "manual"), (True, "manual"), (False, "func")):
+        torch.manual_seed(0)
+        p = m.make_policy(small_cfg(loss=loss, flow_ratio=flow_ratio, adaptive_weight=adaptive))
+        p.jvp_impl = impl                                  # hand-written forward mode, or torch.func.jvp
+        torch.manual_seed(7)
+        total, info = p.loss(state, act)
+        after = torch.randn(3)                             # the RNG stream continues where it did before
+        total.backward()
+        new_grads = {k: v.grad.clone() for k, v in p.named_parameters()}
+        p.zero_grad()
+        torch.manual_seed(7)
+        ref_total, ref_flow = _old_full_batch_loss(p, state, act)
+        assert torch.equal(after, torch.randn(3))
+        ref_total.backward()
+        assert torch.allclose(total, ref_total, rtol=1e-5, atol=1e-7), (total.item(), ref_total.item())
+        assert torch.allclose(info["loss_flow"], ref_flow.detach(), rtol=1e-5, atol=1e-7)
+        for k, v in p.named_parameters():
+            assert torch.allclose(new_grads[k], v.grad, rtol=1e-4, atol=1e-6), k
+        assert new_grads["encoder.net.0.weight"].abs().sum() > 0        # the encoder still gets gradients
+
+
+def test_act_matches_straightforward_computation():
+    """act = unnormalize(clamp(z - u(z, 0, 1 | encode(normalize(s))))) exactly, batched or not, numpy or torch
+    input, state and image policies; K = 2 is two average-velocity jumps."""
+    torch.manual_seed(0)
+    for cfg in (small_cfg(), m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image")):
+        p = m.make_policy(cfg).eval()
+        sd, da = cfg.state_dim, cfg.act_dim
+        p.set_normalization(-np.arange(1, sd + 1), np.arange(1, sd + 1) * 2.0, -np.ones(da) * 3, np.ones(da) * 0.5)
+        rng = np.random.default_rng(0)
+        obs = {"state": rng.uniform(-2, 2, (3, sd)).astype(np.float32)}
+        if cfg.obs_mode == "image":
+            obs["rgb"] = rng.integers(0, 256, (3, 3, 96, 96), dtype=np.uint8)
+        z = torch.randn(3, cfg.chunk, da)
+        with torch.no_grad():
+            rgb = torch.as_tensor(obs["rgb"]) if "rgb" in obs else None
+            cond = p.encode(p.normalize_state(torch.as_tensor(obs["state"])), rgb)
+            one = (z - p.velocity(z, torch.zeros(3), torch.ones(3), cond)).clamp(-1, 1)
+            h = (z - 0.5 * p.velocity(z, torch.full((3,), 0.5), torch.ones(3), cond)).clamp(-1, 1)
+            two = (h - 0.5 * p.velocity(h, torch.zeros(3), torch.full((3,), 0.5), cond)).clamp(-1, 1)
+        assert np.array_equal(p.act(obs, 1, noise=z), p.unnormalize_action(one).numpy())
+        assert np.allclose(p.act(obs, 2, noise=z), p.unnormalize_action(two).numpy(), atol=1e-6)
+        tobs = {k: torch.as_tensor(v) for k, v in obs.items()}
+        assert np.array_equal(p.act(tobs, 1, noise=z), p.act(obs, 1, noise=z))
+        single = {k: v[1] for k, v in obs.items()}
+        # (batch 1 vs batch 3 may round differently inside the matmuls)
+        assert np.allclose(p.act(single, 1, noise=z[1:2]), p.act(obs, 1, noise=z)[1], atol=1e-5)
+        torch.manual_seed(4)
+        a = p.act(obs)                                      # noise=None draws randn(B, Ta, Da) as before
+        torch.manual_seed(4)
+        assert np.array_equal(a, p.act(obs, noise=torch.randn(3, cfg.chunk, da)))
+
+
+def test_act_caches_follow_weight_and_normalization_changes():
+    """act caches the normalization constants and the schedule's time embeddings; they must track in-place weight
+    updates (optimizer, load_state_dict), set_normalization and device / dtype moves."""
+    torch.manual_seed(0)
+    p, q = m.make_policy(small_cfg()).eval(), m.make_policy(small_cfg()).eval()
+    obs, z = {"state": np.full((2, 5), 0.3, np.float32)}, torch.randn(2, 4, 3)
+    p.act(obs, 1, noise=z)
+    p.act(obs, 3, noise=z)
+    p.load_state_dict(q.state_dict())                       # in-place copies into every parameter and buffer
+    assert np.array_equal(p.act(obs, 1, noise=z), q.act(obs, 1, noise=z))
+    assert np.array_equal(p.act(obs, 3, noise=z), q.act(obs, 3, noise=z))
+    r = m.make_policy(small_cfg()).eval()
+    p.load_state_dict(r.state_dict(), assign=True)          # parameters replaced outright
+    assert np.array_equal(p.act(obs, 1, noise=z), r.act(obs, 1, noise=z))
+    p.load_state_dict(q.state_dict())
+    with torch.no_grad():
+        p.t_emb[1].weight.add_(0.5)                         # e.g. an optimizer step on the time MLP
+    fresh = m.make_policy(small_cfg()).eval()
+    fresh.load_state_dict(p.state_dict())
+    assert np.array_equal(p.act(obs, 1, noise=z), fresh.act(obs, 1, noise=z))
+    assert not np.array_equal(p.act(obs, 1, noise=z), q.act(obs, 1, noise=z))
+    p.set_normalization(np.zeros(5), np.ones(5), np.full(3, 10.0), np.full(3, 20.0))
+    a = p.act(obs, 1, noise=z)
+    assert a.min() >= 10 - 1e-4 and a.max() <= 20 + 1e-4
+    d = p.double()
+    assert d.act(obs, 1, noise=z.double()).dtype == np.float64
+
+
+def test_steps_below_one_are_refused():
+    p = m.make_policy(small_cfg()).eval()
+    obs = {"state": np.zeros((2, 5), np.float32)}
+    for k in (0, -1):
+        with pytest.raises(ValueError, match=f"inference steps K must be >= 1, got {k}"):
+            p.act(obs, steps=k)
+        with pytest.raises(ValueError, match="K must be >= 1"):
+            p.sample(p.encode(torch.zeros(2, 5)), k)
+        with pytest.raises(ValueError, match="K must be >= 1"):
+            m.compile_act(p, 2, k)
+    for field, bad in (("inference_steps", 0), ("inference_steps", -1), ("alpha_disp", -0.1),
+                       ("alpha_disp", float("nan")), ("disp_temp", 0.0), ("disp_temp", float("inf"))):
+        with pytest.raises(ValueError, match=field):
+            small_cfg(**{field: bad})
+
+
+def test_captured_act_matches_eager_act():
+    """compile_act (CPU: torch.jit.trace + freeze) gives the eager act's actions for the same noise, takes the same
+    inputs, and refuses another batch size or K."""
+    torch.manual_seed(0)
+    for cfg in (small_cfg(), m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image")):
+        p = m.make_policy(cfg).eval()
+        p.set_normalization(-np.ones(cfg.state_dim), np.ones(cfg.state_dim) * 3, -np.ones(cfg.act_dim), np.ones(cfg.act_dim) * 2)
+        rng = np.random.default_rng(1)
+        obs = {"state": rng.uniform(-1, 3, (1, cfg.state_dim)).astype(np.float32)}
+        if cfg.obs_mode == "image":
+            obs["rgb"] = rng.integers(0, 256, (1, 3, 96, 96), dtype=np.uint8)
+        for k in (1, 3):
+            cap = m.compile_act(p, batch=1, steps=k)
+            assert cap.mode == "trace" and cap.cfg is p.cfg
+            z = torch.randn(1, cfg.chunk, cfg.act_dim)
+            np.testing.assert_allclose(cap(obs, noise=z), p.act(obs, k, noise=z), rtol=1e-5, atol=1e-5)
+            single = {key: v[0] for key, v in obs.items()}
+            out = cap.act(single, steps=k, noise=z)
+            assert out.shape == (cfg.chunk, cfg.act_dim)
+            np.testing.assert_allclose(out, p.act(single, k, noise=z), rtol=1e-5, atol=1e-5)
+            torch.manual_seed(9)
+            a = cap(obs)
+            torch.manual_seed(9)
+            np.testing.assert_allclose(a, p.act(obs, k), rtol=1e-5, atol=1e-5)   # same noise draw as act
+        with pytest.raises(ValueError, match="batch 1"):
+            cap({key: np.concatenate([v, v]) for key, v in obs.items()})
+        with pytest.raises(ValueError, match="K=3"):
+            cap(obs, steps=2)
+    with pytest.raises(ValueError, match="CUDA"):
+        m.compile_act(p, mode="graph")
+
+
+def test_training_helpers_on_cpu():
+    assert m.setup_device("cpu") == torch.device("cpu")
+    p = m.make_policy(small_cfg())
+    opt = m.make_optimizer(p.parameters(), 1e-3, 1e-6, "cpu")
+    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults.get("fused")
+    assert opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 1e-6
 
 
 # ----------------------------------------------------------------------------- the paper's claim in miniature
@@ -175,6 +351,36 @@ def test_dispersive_prefers_spread_and_spreads(kind):
     assert spread_stat(z.detach()) > before
 
 
+def test_released_infonce_form_matches_its_definition_and_saturates():
+    """The released code's form: -mean_i log sum_j exp(min(d_ij / tau, 10)), diagonal fixed at e^10, unsquared d."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    d = torch.cdist(z, z)
+    ref = -torch.log(torch.exp(torch.where(torch.eye(12, dtype=torch.bool), torch.full_like(d, 10.0),
+                                           (d / 0.5).clamp(max=10.0))).sum(1)).mean()
+    assert torch.allclose(m.dispersive_loss(z, "infonce_l2_released", 0.5), ref)
+    # its gradient at near-collapse is tiny next to the paper's form (the e^10 diagonal dominates every row)
+    c = (torch.ones(32, 8) + 0.01 * torch.randn(32, 8, generator=g)).requires_grad_()
+    g_rel = torch.autograd.grad(m.dispersive_loss(c, "infonce_l2_released"), c)[0].norm()
+    g_pap = torch.autograd.grad(m.dispersive_loss(c, "infonce_l2"), c)[0].norm()
+    assert g_rel < 0.05 * g_pap
+
+
+def test_embedding_stats_separate_collapsed_from_spread():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(512, 16, generator=g)
+    line = torch.randn(512, 1, generator=g) * torch.randn(1, 16, generator=g) + 1e-3 * torch.randn(512, 16, generator=g)
+    clumps = torch.randn(4, 16, generator=g).repeat(128, 1) + 1e-3 * torch.randn(512, 16, generator=g)
+    s, c_line, c_clumps = m.embedding_stats(spread), m.embedding_stats(line), m.embedding_stats(clumps)
+    assert s["eff_rank"] > 12 and c_line["eff_rank"] < 1.1                    # one direction left
+    assert s["nn_ratio"] > 0.5 and c_clumps["nn_ratio"] < 0.01                 # distinct inputs, same embedding
+    assert abs(m.embedding_stats(3 * spread)["norm"] - 3 * s["norm"]) < 1e-6 * s["norm"] * 3
+    assert m.embedding_stats(torch.ones(8, 4)) == {"eff_rank": 0.0, "nn_ratio": 0.0, "norm": 2.0}
+    p = m.make_policy(small_cfg()).train()
+    stats = p.embedding_stats(torch.rand(300, 5) * 2 - 1, batch=64)
+    assert p.training and set(stats) == {"eff_rank", "nn_ratio", "norm"} and stats["eff_rank"] > 1
+
+
 def test_infonce_l2_is_bounded():
     z = torch.randn(32, 8) * 100
     assert m.dispersive_loss(z, "infonce_l2") >= -math.log(32) - 1e-5
@@ -185,7 +391,7 @@ def test_infonce_l2_is_bounded():
 def test_image_parameter_counts():
     lift = m.make_policy(m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image", n_cameras=1))
     assert abs(m.count_params(lift) - 1.78e6) / 1.78e6 < 0.02
-    assert m.count_params(lift) == 1_776_636                  # method.md §2, computed from the reference dims
+    assert m.count_params(lift) == 1_776_636                  # the paper's 1.78M, computed from the released dims
     transport = m.make_policy(m.PolicyConfig(state_dim=18, act_dim=14, chunk=8, obs_mode="image", n_cameras=2))
     assert m.count_params(transport) == 1_938_384
     assert transport.encoder.vit.n_tokens == 121
@@ -288,8 +494,48 @@ def test_checkpoint_errors(tmp_path):
     ck = torch.load(path, weights_only=True)
     ck["config"]["hidden_dim"] = 32                 # config no longer matches the weights
     torch.save(ck, path)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="do not match its config: size mismatch for head.inp.weight"):
         m.load_policy(str(path))
+    ck["config"]["hidden_dim"] = 64
+    ck["config"]["act_dim"] = 4                     # the message names the first mismatching tensor, not just a header
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match=r"do not match its config: size mismatch for action_min.*torch.Size\(\[3\]\)"):
+        m.load_policy(str(path))
+
+
+def test_checkpoint_refuses_non_finite_and_junk(tmp_path):
+    torch.manual_seed(0)
+    p = m.make_policy(small_cfg())
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(np.random.default_rng(0).bytes(300))
+    with pytest.raises(ValueError) as e:
+        m.load_policy(str(junk))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint {junk} could not be read (not a torch checkpoint")
+    # NaN / inf in EMA weights, model weights or normalization: refused on load, naming the tensor
+    path = tmp_path / "c.pt"
+    m.save_checkpoint(str(path), p, m.make_policy(small_cfg()))
+    for key, name, val in (("ema", "head.inp.weight", float("nan")), ("model", "encoder.net.0.bias", float("inf")),
+                           ("normalization", "state_max", float("nan"))):
+        ck = torch.load(path, weights_only=True)
+        ck[key][name].view(-1)[0] = val
+        bad = tmp_path / f"bad_{key}.pt"
+        torch.save(ck, bad)
+        with pytest.raises(ValueError) as e:
+            m.load_checkpoint(str(bad))
+        assert f"checkpoint {bad}: " in str(e.value) and f"{key}['{name}'] contain NaN or inf" in str(e.value)
+        assert "refusing to load" in str(e.value) and "\n" not in str(e.value)
+    # saving diverged weights is refused, and the good checkpoint under that name stays
+    with torch.no_grad():
+        p.head.out.bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to save.*model\['head.out.bias'\] contains NaN"):
+        m.save_checkpoint(str(path), p)
+    assert m.load_checkpoint(str(path))["step"] == 0
+    # a failing torch.save leaves no temp file behind
+    ok = m.make_policy(small_cfg())
+    with pytest.raises(Exception):
+        m.save_checkpoint(str(tmp_path / "x.pt"), ok, extra={"unpicklable": lambda: 0})
+    assert not list(tmp_path.glob("*.tmp*")) and not (tmp_path / "x.pt").exists()
 
 
 def test_config_validation_and_device():
@@ -349,8 +595,13 @@ def test_benchmark_quick_writes_expected_rows(tmp_path):
             assert ("latency", pol, method, k, enc) in got, (pol, method, k, enc)
         assert {("train", pol, l) for l in ("flow matching", "meanflow (JVP)", "meanflow + dispersive")} <= \
             {(x["section"], x["policy"], x["method"]) for x in rows}
-    one = [x for x in rows if x["method"] == "meanflow" and x["steps"] == "1"]
-    assert all(float(x["ratio"]) == 1.0 and float(x["median_ms"]) > 0 for x in one)
+    one = [x for x in rows if x["method"] == "meanflow" and x["steps"] == "1" and x["variant"] == "eager"]
+    assert len(one) == 2 and all(float(x["ratio"]) == 1.0 and float(x["median_ms"]) > 0 for x in one)
+    for pol in ("lift-image", "lift-state"):              # the captured act and the bare network have rows too
+        assert ("latency", pol, "meanflow", "1", "captured (trace)") in \
+            {(x["section"], x["policy"], x["method"], x["steps"], x["variant"]) for x in rows}
+        assert ("latency", pol, "encoder + head", "1", "once") in got
+    assert "act overhead" in r.stdout and "flow-matching step" in r.stdout
     assert all(x["calls"] == "5" for x in rows if x["section"] == "latency")
     assert {x["params"] for x in rows if x["policy"] == "lift-image"} == {"1776636"}
 
@@ -374,7 +625,7 @@ def test_pretrain_resume_and_evaluate(lift_demos, tmp_path, capsys):
     pretrain.main(common + ["--steps", "20"])
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [r["step"] for r in rows] == ["10", "20"]
-    assert rows[-1]["success_rate"] != "" and rows[0]["success_rate"] == ""
+    assert rows[-1]["eval_success_rate"] != "" and rows[0]["eval_success_rate"] == ""   # pretrain.py's CSV_COLS
     assert all(math.isfinite(float(r["loss_flow"])) for r in rows)
     with pytest.raises(SystemExit, match="--resume"):              # never silently overwrite a run
         pretrain.main(common + ["--steps", "20"])

@@ -146,7 +146,7 @@ def test_gae_termination_truncation_and_continuation():
 
 def test_reward_scaler_tracks_the_discounted_return_std():
     rng = np.random.default_rng(0)
-    sc = ft.RewardScaler(n_envs=4, gamma=0.9)
+    sc = tasks.RewardScaler(n_envs=4, gamma=0.9)
     rets, ret = [], np.zeros(4)
     for step in range(200):
         r = rng.normal(1.0, 2.0, 4)
@@ -156,7 +156,7 @@ def test_reward_scaler_tracks_the_discounted_return_std():
         rets.append(ret.copy())
         ret[done] = 0
         np.testing.assert_allclose(out, np.clip(r / np.sqrt(np.var(np.concatenate(rets)) + 1e-8), -10, 10), rtol=1e-3)
-    sc2 = ft.RewardScaler(4, 0.9)
+    sc2 = tasks.RewardScaler(4, 0.9)
     sc2.load_state_dict(sc.state_dict())
     assert sc2.state_dict() == sc.state_dict()
 
@@ -169,7 +169,8 @@ def fresh_checkpoint(path, task, obs_mode):
     state_dim, n_cams = tasks.obs_dims(t, obs_mode)
     cfg = models.PolicyConfig(state_dim=state_dim, act_dim=t.act_dim, chunk=t.chunk, obs_mode=obs_mode,
                               n_cameras=max(n_cams, 1), cond_mlp_dims=(32, 16), hidden_dim=64)
-    models.save_checkpoint(str(path), models.make_policy(cfg), step=0, extra={"task": task, "obs_mode": obs_mode})
+    models.save_checkpoint(str(path), models.make_policy(cfg), step=0, extra={"task": task, "obs_mode": obs_mode,
+                                                                                 "obs_layout": tasks.OBS_LAYOUT})
     return path
 
 
@@ -239,7 +240,7 @@ def test_lift_image_end_to_end(tmp_path):
     assert [r["iteration"] for r in rows] == ["1"] and math.isfinite(float(rows[0]["policy_loss"]))
     policy, saved = models.load_policy(str(out / "latest.pt"))
     assert policy.cfg.obs_mode == "image" and saved["task"] == "lift"
-    assert any(k.startswith("vit.") for k in saved["critic"])                      # the critic has its own ViT
+    assert any(k.startswith("encoder.vit.") for k in saved["critic"])              # the critic has its own ViT
 
 
 def test_dense_reward_needs_episodes_that_continue_past_success(tmp_path):

@@ -44,25 +44,124 @@ def test_task_table_and_dims():
 # ----------------------------------------------------------------------------------------------
 # Environments
 # ----------------------------------------------------------------------------------------------
+# Independent reference for the public (robosuite 1.4.1 / robomimic v1.4.1) layout, in plain numpy from sim.data.
+def _quat_to_mat(q):  # xyzw
+    x, y, z, w = q
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+def _mat_to_quat(R):  # xyzw with w >= 0 (robosuite's T.mat2quat convention)
+    w = np.sqrt(max(0.0, 1 + np.trace(R))) / 2
+    x = np.copysign(np.sqrt(max(0.0, 1 + R[0, 0] - R[1, 1] - R[2, 2])) / 2, R[2, 1] - R[1, 2])
+    y = np.copysign(np.sqrt(max(0.0, 1 - R[0, 0] + R[1, 1] - R[2, 2])) / 2, R[0, 2] - R[2, 0])
+    z = np.copysign(np.sqrt(max(0.0, 1 - R[0, 0] - R[1, 1] + R[2, 2])) / 2, R[1, 0] - R[0, 1])
+    return np.array([x, y, z, w])
+
+
+def public_layout_reference(env):
+    """(proprio, object) of the env's current sim state, computed from sim.data after sim.forward(), with
+    the robosuite 1.4.1 definitions: eef = grip-site position + hand-body orientation; quaternions xyzw;
+    object pose relative to the eef by inverse pose composition; lift's gripper_to_cube_pos = eef - cube."""
+    se = env.sim_env
+    m, d = se.sim.model, se.sim.data
+    se.sim.forward()
+    xyzw = lambda wxyz: np.asarray(wxyz)[[1, 2, 3, 0]]
+    proprio, eef = [], []
+    for i in range(len(se.robots)):
+        pos = d.site_xpos[m.site_name2id(f"gripper{i}_right_grip_site")].copy()
+        quat = xyzw(d.body_xquat[m.body_name2id(f"robot{i}_right_hand")])
+        grip = [d.qpos[m.get_joint_qpos_addr(f"gripper{i}_right_finger_joint{j}")] for j in (1, 2)]
+        proprio += [pos, quat, grip]
+        eef.append((pos, quat))
+    name = env.task.name
+    if name == "lift":
+        body = m.body_name2id("cube_main")
+        cube = d.body_xpos[body]
+        obj = [cube, xyzw(d.body_xquat[body]), eef[0][0] - cube]
+    elif name in ("can", "square"):
+        body = m.body_name2id("Can_main" if name == "can" else "SquareNut_main")
+        p_o, q_o = d.body_xpos[body], xyzw(d.body_xquat[body])
+        R_e = _quat_to_mat(eef[0][1])
+        rel_pos = R_e.T @ (p_o - eef[0][0])
+        rel_quat = _mat_to_quat(R_e.T @ _quat_to_mat(q_o))
+        obj = [p_o, q_o, rel_pos, rel_quat]
+    else:
+        bpos = lambda n: d.body_xpos[m.body_name2id(n)]
+        bquat = lambda n: _mat_to_quat(d.body_xmat[m.body_name2id(n)].reshape(3, 3))
+        gpos = lambda n: d.geom_xpos[m.geom_name2id(n)]
+        names = {m.geom_id2name(g) for g in range(m.ngeom)}
+        contact = [(m.geom_id2name(c.geom1), m.geom_id2name(c.geom2)) for c in d.contact[: d.ncon]]
+        touch = lambda a, b: float(any((g1 in a and g2 in b) or (g1 in b and g2 in a) for g1, g2 in contact))
+        payload = {n for n in names if n and n.startswith("payload_")}
+        trash = {n for n in names if n and n.startswith("trash_g")}
+        lid = gpos("transport_start_bin_lid_handle")
+        obj = [bpos("payload_root"), bquat("payload_root"), bpos("trash_main"), bquat("trash_main"), lid,
+               _mat_to_quat(d.geom_xmat[m.geom_name2id("transport_start_bin_lid_handle")].reshape(3, 3)),
+               gpos("transport_target_bin_base"), gpos("transport_trash_bin_base"),
+               bpos("payload_root") - eef[0][0], lid - eef[0][0], bpos("payload_root") - eef[1][0],
+               bpos("trash_main") - eef[1][0],
+               [touch({"transport_target_bin_base"}, payload)], [touch({"transport_trash_bin_base"}, trash)]]
+    return np.concatenate([np.ravel(x) for x in proprio]), np.concatenate([np.ravel(x) for x in obj])
+
+
 @pytest.mark.parametrize("name", ["lift", "can", "square", "transport"])
 def test_robosuite_state_env(name):
+    """The state is the public robomimic v1.4.1 layout (proprio keys, then the object vector in robosuite
+    1.4.1's order), recomputed independently from the simulator, at reset and after steps."""
     task = TASKS[name]
     env = make_env(name, "state", seed=0)
-    obs = env.reset()
+    obs = env.reset(seed=0)
     assert set(obs) == {"state"} and obs["state"].dtype == np.float32
     assert obs["state"].shape == (task.obs_dim,)
-    # The state is exactly DPPO's concatenation of robosuite's own keys, object key included.
+    n_prop = 9 * len(task.robots)
+    # tasks.legacy_object_state knows robosuite 1.5's own object-state order (what this project emitted
+    # before the v1.4.1 layout was adopted): at reset (nothing moves; two forced refreshes fill robosuite's caches) it must
+    # reproduce robosuite's vector exactly, and differ from ours.
+    env.sim_env._get_observations(force_update=True)
     raw = env.sim_env._get_observations(force_update=True)
-    assert task.object_key in raw
-    ref = np.concatenate([raw[k] for k in task.proprio_keys + (task.object_key,)])
-    np.testing.assert_allclose(obs["state"], ref, rtol=1e-6, atol=1e-6)
+    ours = obs["state"][n_prop:]
+    np.testing.assert_allclose(tasks.legacy_object_state(ours, task), raw["object-state"], atol=1e-6)
+    assert not np.allclose(ours, raw["object-state"], atol=1e-3)
     rng = np.random.default_rng(0)
-    for _ in range(3):
-        obs, r, term, trunc, info = env.step(rng.uniform(-1, 1, task.act_dim))
-        assert obs["state"].shape == (task.obs_dim,) and obs["state"].dtype == np.float32
-        assert isinstance(r, float) and type(info["success"]) is bool
-        assert term is False and trunc is False
+    for step in range(4):
+        if step:
+            obs, r, term, trunc, info = env.step(rng.uniform(-1, 1, task.act_dim))
+            assert obs["state"].shape == (task.obs_dim,) and obs["state"].dtype == np.float32
+            assert isinstance(r, float) and type(info["success"]) is bool
+            assert term is False and trunc is False
+        proprio, obj = public_layout_reference(env)
+        np.testing.assert_allclose(obs["state"][:n_prop], proprio, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(obs["state"][n_prop:], obj, rtol=0, atol=2e-5)
+        # the comparison is order-sensitive: the same values in robosuite 1.5's order do not pass
+        assert np.abs(tasks.legacy_object_state(obj, task) - obj).max() > 1e-2
     env.close()
+
+
+def test_layout_table_and_check_layout(tmp_path):
+    for name, task in TASKS.items():
+        if task.suite != "robosuite":
+            assert task.object_features == () and task.legacy_object_order == ()
+            continue
+        assert sum(w for _, w in task.object_features) == task.obs_dim - 9 * len(task.robots)
+        assert sorted(n for n, _ in task.legacy_object_order) == sorted(n for n, _ in task.object_features)
+    assert [n for n, _ in TASKS["can"].object_features] == ["Can_pos", "Can_quat", "Can_to_robot0_eef_pos",
+                                                           "Can_to_robot0_eef_quat"]
+    assert TASKS["transport"].object_features[-2:] == (("payload_in_target_bin", 1), ("trash_in_trash_bin", 1))
+    assert ("gripper_to_cube_pos", -1) in TASKS["lift"].legacy_object_order
+    check = tasks.check_layout
+    for ok in ({"obs_layout": tasks.OBS_LAYOUT}, tasks.OBS_LAYOUT):
+        check(ok, "square", "a.pt")
+    for stale in ({"config": {"obs_mode": "state"}}, {}, None, tasks.LEGACY_OBS_LAYOUT, "something-else"):
+        with pytest.raises(TaskError, match=r"a\.pt: observation layout .*task can now uses 'robomimic-v1.4'") as e:
+            check(stale, "can", "a.pt")
+        assert "\n" not in str(e.value)
+    check({"config": {"obs_mode": "image"}}, "lift", "img.pt")      # proprio-only inputs did not change
+    check({}, "hopper", "h.pt")                                     # gym and kitchen are unaffected
+    check(None, "kitchen-complete", "k.pt")
+    with pytest.raises(TaskError):
+        check({"config": {"obs_mode": "image"}}, "lift", "img.pt", obs_mode="state")
 
 
 def test_transport_arms_move_in_world_frame():
