@@ -329,7 +329,7 @@ class Critic(nn.Module):
 
 CSV_COLS = ["iteration", "env_steps", "wall_s", "episodes", "success_rate", "return_mean", "length_mean",
             "policy_loss", "value_loss", "entropy", "bc_loss", "bc_coef", "approx_kl", "clipfrac", "std_mean",
-            "explained_var", "actor_lr", "critic_lr", "grad_steps", "kl_stop", "rollout_s", "update_s",
+            "explained_var", "ratio_dev_first", "actor_lr", "critic_lr", "grad_steps", "kl_stop", "rollout_s", "update_s",
             "env_steps_per_s", "eval_episodes", "eval_success_rate", "eval_ci_low", "eval_ci_high",
             "eval_return_mean", "eval_length_mean"]
 
@@ -543,7 +543,7 @@ def main(argv=None):
             g["lr"] = critic_lr
         train_actor = itr > args.critic_warmup
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "bc_loss", "approx_kl", "clipfrac")}
-        grad_steps, kl_stop = 0, False
+        grad_steps, kl_stop, ratio_dev_first = 0, False, None
         t_update = time.time()
         for epoch in range(args.update_epochs):
             perm = torch.randperm(B, device=device)
@@ -557,6 +557,8 @@ def main(argv=None):
                     lp, ent, _ = chain_log_prob(actor, noise_net, cond, f_chain[idx])
                     logratio = normalize_log_prob(lp, K, dims, args.logprob_clip) - f_logp[idx]
                     ratio = logratio.exp()
+                    if ratio_dev_first is None:    # before this iteration's first actor step the policy is the one
+                        ratio_dev_first = (ratio - 1).abs().max().item()   # that acted: ratio 1 (ReinFlow issue #5)
                     mb_adv = f_adv[idx]
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(correction=0) + 1e-8)   # per-minibatch normalization
                     pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
@@ -615,6 +617,8 @@ def main(argv=None):
                "kl_stop": int(kl_stop), "rollout_s": round(rollout_s, 2), "update_s": round(update_s, 2),
                "env_steps_per_s": round((env_steps - steps_before) / max(time.time() - t_start, 1e-9), 1)}
         row.update({k: float(np.mean(v)) for k, v in stats.items() if v})
+        if ratio_dev_first is not None:
+            row["ratio_dev_first"] = ratio_dev_first
         if episodes:
             row.update(success_rate=float(np.mean([e["success"] for e in episodes])),
                        return_mean=float(np.mean([e["return"] for e in episodes])),

@@ -193,8 +193,9 @@ def test_hopper_two_iterations_then_resume(tmp_path):
     assert int(rows[1]["env_steps"]) > 0 and rows[1]["policy_loss"] == ""          # critic warm-up
     r2 = rows[2]
     for col in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "std_mean", "bc_coef", "bc_loss",
-                "env_steps_per_s", "eval_success_rate", "episodes"):
+                "env_steps_per_s", "eval_success_rate", "episodes", "ratio_dev_first"):
         assert r2[col] != "" and math.isfinite(float(r2[col])), col
+    assert float(r2["ratio_dev_first"]) < 1e-5          # the stored log-probs are the acting policy's (ratio 1)
     assert 0.05 <= float(r2["std_mean"]) <= 0.12 and float(r2["bc_coef"]) == 0.05
     assert int(rows[1]["env_steps"]) < int(r2["env_steps"]) <= 2 * (2 * 6 * 4)    # 2 iterations x 2 envs x 6 chunks x Ta
 
