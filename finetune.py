@@ -253,7 +253,7 @@ def chain_log_prob(policy, noise_net, cond, chain):
     """Exact log-density of a stored chain, summed over all dims: log N(x_0; 0, I) + sum_i log N(x_{i+1}; mu_i, sigma_i^2)
     (the initial-noise term is included, `account_for_initial_stochasticity`). All K transitions are evaluated in one
     batched network call (teacher forcing on the stored x_i). Also returns the chain entropy (sum over dims) and the
-    stds (B, K, Ta, Da)."""
+    stds and means (B, K, Ta, Da) of the K transitions."""
     b, k = chain.shape[0], chain.shape[1] - 1
     ts, tn = chain_times(k, chain.device)
     x_in = chain[:, :-1].flatten(0, 1)                              # (B*K, Ta, Da), row order (b, i)
@@ -266,7 +266,26 @@ def chain_log_prob(policy, noise_net, cond, chain):
     lp = (-0.5 * ((chain[:, 1:] - mu) / std).pow(2) - std.log() - LOG_SQRT_2PI).flatten(1).sum(1)
     dims = x0[0].numel()
     ent = dims * (0.5 + LOG_SQRT_2PI) * (k + 1) + std.log().flatten(1).sum(1)
-    return lp0 + lp, ent, std
+    return lp0 + lp, ent, std, mu
+
+
+@torch.no_grad()
+def logratio_parts(chain, mu_old, std_old, mu_new, std_new, k, dims):
+    """Split the (unclipped, normalized) log-ratio of a stored chain into what the noise std changed and what the
+    mean action changed: log pi_new - log pi_old = [log N(x; mu_old, std_new) - log N(x; mu_old, std_old)]
+    + [log N(x; mu_new, std_new) - log N(x; mu_old, std_new)], each divided by (K+1) Ta Da like the log-prob.
+    Their approximate KLs show how much of the trust region the std spends (a hypothesis for stalled learning)."""
+    x = chain[:, 1:]
+
+    def lp(mu, std):
+        return (-0.5 * ((x - mu) / std).pow(2) - std.log()).flatten(1).sum(1) / ((k + 1) * dims)
+    mid = lp(mu_old, std_new)
+    return lp(mu_new, std_new) - mid, mid - lp(mu_old, std_old)     # (mean part, std part)
+
+
+def approx_kl(logratio):
+    """mean((ratio - 1) - log ratio), the low-variance KL estimate (Schulman's k3) PPO logs and early-stops on."""
+    return ((logratio.exp() - 1) - logratio).mean()
 
 
 def normalize_log_prob(lp, k, dims, clip=1.0):
@@ -328,7 +347,8 @@ class Critic(nn.Module):
 
 
 CSV_COLS = ["iteration", "env_steps", "wall_s", "episodes", "success_rate", "return_mean", "length_mean",
-            "policy_loss", "value_loss", "entropy", "bc_loss", "bc_coef", "approx_kl", "clipfrac", "std_mean",
+            "policy_loss", "value_loss", "entropy", "bc_loss", "bc_coef", "approx_kl", "approx_kl_mean", "approx_kl_std",
+            "clipfrac", "std_mean",
             "explained_var", "ratio_dev_first", "actor_lr", "critic_lr", "grad_steps", "kl_stop", "rollout_s", "update_s",
             "env_steps_per_s", "eval_episodes", "eval_success_rate", "eval_ci_low", "eval_ci_high",
             "eval_return_mean", "eval_length_mean"]
@@ -476,6 +496,8 @@ def main(argv=None):
     b_reward = torch.zeros(T, N, device=device)
     b_done = torch.zeros(T, N, device=device)
     b_boot = torch.zeros(T, N, device=device)      # V(final obs) of truncated episodes, 0 for terminations
+    b_mu = torch.zeros(T, N, K, task.chunk, task.act_dim, device=device)    # the acting chain's transition means
+    b_std = torch.zeros(T, N, K, task.chunk, task.act_dim, device=device)   # and stds (for the KL split)
 
     bar = tqdm(total=args.iterations, initial=itr, desc=f"finetune {task.name}", dynamic_ncols=True)
     while itr < args.iterations:
@@ -489,9 +511,9 @@ def main(argv=None):
             with torch.no_grad():
                 cond = actor.encode(state_n, rgb)
                 chain = sample_chain(actor, noise_net, cond, K, args.noise_clip)
-                lp, _, std = chain_log_prob(actor, noise_net, cond, chain)
+                lp, _, std, mu = chain_log_prob(actor, noise_net, cond, chain)
                 b_value[step] = critic(state_n, rgb)
-            b_state[step], b_chain[step] = state_n, chain
+            b_state[step], b_chain[step], b_mu[step], b_std[step] = state_n, chain, mu, std
             b_logp[step] = normalize_log_prob(lp, K, dims, args.logprob_clip)
             if image:
                 b_rgb[step] = rgb
@@ -517,7 +539,7 @@ def main(argv=None):
         B = T * N
         f_state, f_chain = b_state.flatten(0, 1), b_chain.flatten(0, 1)
         f_rgb = b_rgb.flatten(0, 1) if image else None
-        f_logp = b_logp.flatten()
+        f_logp, f_mu, f_std = b_logp.flatten(), b_mu.flatten(0, 1), b_std.flatten(0, 1)
         if image and args.augment:                 # the released PPO image buffer (agent/finetune/reinflow/buffer.py) shifts every image once
             f_rgb = torch.cat([models.random_shift(f_rgb[i:i + 256].float()).round().to(torch.uint8)
                                for i in range(0, B, 256)])
@@ -525,7 +547,8 @@ def main(argv=None):
                 for i in range(0, B, 256):
                     sl = slice(i, i + 256)
                     cond = actor.encode(f_state[sl], f_rgb[sl])
-                    f_logp[sl] = normalize_log_prob(chain_log_prob(actor, noise_net, cond, f_chain[sl])[0], K, dims, args.logprob_clip)
+                    lp, _, f_std[sl], f_mu[sl] = chain_log_prob(actor, noise_net, cond, f_chain[sl])
+                    f_logp[sl] = normalize_log_prob(lp, K, dims, args.logprob_clip)
                     b_value.view(-1)[sl] = critic(f_state[sl], f_rgb[sl])
         with torch.no_grad():                      # BC targets: the frozen pretrained policy from zero noise
             f_aold = torch.cat([reference_action(actor_old, f_state[i:i + 1024], f_rgb[i:i + 1024] if image else None, K)
@@ -542,7 +565,8 @@ def main(argv=None):
         for g in critic_opt.param_groups:
             g["lr"] = critic_lr
         train_actor = itr > args.critic_warmup
-        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "bc_loss", "approx_kl", "clipfrac")}
+        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "bc_loss", "approx_kl", "approx_kl_mean",
+                                 "approx_kl_std", "clipfrac")}
         grad_steps, kl_stop, ratio_dev_first = 0, False, None
         t_update = time.time()
         for epoch in range(args.update_epochs):
@@ -554,7 +578,7 @@ def main(argv=None):
                 loss = args.vf_coef * v_loss
                 if train_actor:
                     cond = actor.encode(s_mb, rgb_mb)
-                    lp, ent, _ = chain_log_prob(actor, noise_net, cond, f_chain[idx])
+                    lp, ent, std_new, mu_new = chain_log_prob(actor, noise_net, cond, f_chain[idx])
                     logratio = normalize_log_prob(lp, K, dims, args.logprob_clip) - f_logp[idx]
                     ratio = logratio.exp()
                     if ratio_dev_first is None:    # before this iteration's first actor step the policy is the one
@@ -570,8 +594,11 @@ def main(argv=None):
                             bc = bc_loss(actor, cond, f_aold[idx], K)
                     loss = pg_loss - args.ent_coef * entropy + loss + bc_coef * bc
                     with torch.no_grad():
-                        approx_kl = ((ratio - 1) - logratio).mean()
-                        stats["approx_kl"].append(approx_kl.item())
+                        kl = approx_kl(logratio)
+                        stats["approx_kl"].append(kl.item())
+                        l_mean, l_std = logratio_parts(f_chain[idx], f_mu[idx], f_std[idx], mu_new, std_new, K, dims)
+                        stats["approx_kl_mean"].append(approx_kl(l_mean).item())
+                        stats["approx_kl_std"].append(approx_kl(l_std).item())
                         stats["clipfrac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
                         stats["policy_loss"].append(pg_loss.item())
                         stats["entropy"].append(entropy.item())
@@ -598,7 +625,7 @@ def main(argv=None):
                 if train_actor:
                     actor_opt.step()
                 grad_steps += 1
-                if train_actor and args.target_kl > 0 and approx_kl.item() > args.target_kl:
+                if train_actor and args.target_kl > 0 and kl.item() > args.target_kl:
                     kl_stop = True                 # KL early stop ends this iteration's update
                     break
             if kl_stop:

@@ -39,8 +39,8 @@ def test_chain_log_prob_is_the_gaussian_chain_density(k, loss):
     cond = policy.encode(torch.rand(7, 5) * 2 - 1)
     with torch.no_grad():
         chain = ft.sample_chain(policy, noise_net, cond, k)
-        lp, ent, std = ft.chain_log_prob(policy, noise_net, cond, chain)
-    assert chain.shape == (7, k + 1, 4, 3) and lp.shape == (7,) and std.shape == (7, k, 4, 3)
+        lp, ent, std, mu = ft.chain_log_prob(policy, noise_net, cond, chain)
+    assert chain.shape == (7, k + 1, 4, 3) and lp.shape == (7,) and std.shape == mu.shape == (7, k, 4, 3)
 
     ts = torch.linspace(1, 0, k + 1)
     want = Normal(0.0, 1.0).log_prob(chain[:, 0]).sum((1, 2))        # the initial-noise term
@@ -64,6 +64,26 @@ def test_chain_log_prob_is_the_gaussian_chain_density(k, loss):
     # normalization of the reference: / ((K + 1) Ta Da), clamped
     torch.testing.assert_close(ft.normalize_log_prob(lp, k, 12, clip=0), lp / ((k + 1) * 12))
     assert ft.normalize_log_prob(torch.tensor([-50.0, 50.0]), k, 1, clip=1.0).tolist() == [-1.0, 1.0]
+
+
+def test_logratio_splits_into_mean_and_std_parts():
+    """The two parts add up to the full (unclipped) normalized log-ratio; each vanishes when its moment is unchanged."""
+    torch.manual_seed(0)
+    policy = small_policy("meanflow")
+    noise_net = small_noise_net(policy)
+    cond = policy.encode(torch.rand(9, 5) * 2 - 1)
+    with torch.no_grad():
+        chain = ft.sample_chain(policy, noise_net, cond, 2)
+        lp_old, _, std_old, mu_old = ft.chain_log_prob(policy, noise_net, cond, chain)
+        for p in list(policy.head.parameters()) + list(noise_net.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+        lp_new, _, std_new, mu_new = ft.chain_log_prob(policy, noise_net, cond, chain)
+    full = ft.normalize_log_prob(lp_new, 2, 12, clip=0) - ft.normalize_log_prob(lp_old, 2, 12, clip=0)
+    l_mean, l_std = ft.logratio_parts(chain, mu_old, std_old, mu_new, std_new, 2, 12)
+    assert torch.allclose(l_mean + l_std, full, atol=1e-6) and l_mean.abs().max() > 0 and l_std.abs().max() > 0
+    assert torch.equal(ft.logratio_parts(chain, mu_old, std_old, mu_new, std_old, 2, 12)[1], torch.zeros(9))
+    assert torch.equal(ft.logratio_parts(chain, mu_old, std_old, mu_old, std_new, 2, 12)[0], torch.zeros(9))
+    assert ft.approx_kl(torch.zeros(5)) == 0 and ft.approx_kl(full) > 0
 
 
 def test_noise_free_chain_is_the_pretrained_sampler():
@@ -193,7 +213,7 @@ def test_hopper_two_iterations_then_resume(tmp_path):
     assert int(rows[1]["env_steps"]) > 0 and rows[1]["policy_loss"] == ""          # critic warm-up
     r2 = rows[2]
     for col in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "std_mean", "bc_coef", "bc_loss",
-                "env_steps_per_s", "eval_success_rate", "episodes", "ratio_dev_first"):
+                "env_steps_per_s", "eval_success_rate", "episodes", "ratio_dev_first", "approx_kl_mean", "approx_kl_std"):
         assert r2[col] != "" and math.isfinite(float(r2[col])), col
     assert float(r2["ratio_dev_first"]) < 1e-5          # the stored log-probs are the acting policy's (ratio 1)
     assert 0.05 <= float(r2["std_mean"]) <= 0.12 and float(r2["bc_coef"]) == 0.05
