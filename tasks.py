@@ -111,7 +111,7 @@ KITCHEN_MKLS = ("microwave", "kettle", "light switch", "slide cabinet")
 # Our env computes these features itself from the simulator state (see RobosuiteEnv.layout_obs), so an
 # observation is a function of the stored sim state, as in robomimic's files.
 OBS_LAYOUT = "robomimic-v1.4"  # what our robosuite envs emit and collect_demos.py writes (data attrs obs_layout)
-LEGACY_OBS_LAYOUT = "robosuite-v1.5"  # robosuite 1.5's object-state order: this project's files/checkpoints of 2026-11 and earlier
+LEGACY_OBS_LAYOUT = "robosuite-v1.5"  # robosuite 1.5's object-state order: this project's older files/checkpoints
 ROBOSUITE_LAYOUT_SOURCES = "ARISE-Initiative/robosuite v1.4.1 vs v1.5.2 (see the comment above OBS_LAYOUT)"
 
 
