@@ -49,9 +49,9 @@ def selectors(argv, choices=None, **defaults):
     return out
 
 
-def format_settings(args, skip=()):
+def format_settings(args):
     """'key=value' for every setting, sorted, wrapped at 116 columns: what a run prints when it starts."""
-    items = [f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in skip]
+    items = [f"{k}={v}" for k, v in sorted(vars(args).items())]
     lines, line = [], "settings:"
     for it in items:
         if len(line) + 1 + len(it) > 116:
@@ -98,12 +98,12 @@ def probability(text):
 
 
 def fraction_open(text):
-    """A decay or ratio in [0, 1) (EMA decay, discount): 1 would never move."""
+    """A decay in [0, 1) (the EMA decay): 1 would never move."""
     return _number(float, text, lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)")
 
 
 def unit_interval_closed_above(text):
-    """A discount or GAE lambda in (0, 1]."""
+    """A discount in (0, 1]."""
     return _number(float, text, lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]")
 
 
@@ -166,11 +166,11 @@ def explicit_flags(parser, argv):
 
 # ----------------------------------------------------------------------------- resume
 
-def resume_settings(parser, argv, args, saved, run_control, latest, defaults=None):
-    """Settings of a resumed run: the checkpoint's saved args (flags added since it started take their defaults:
-    `defaults`, else the parser's), with the run-control flags from the command line. A training flag typed on the
+def resume_settings(parser, argv, args, saved, run_control, latest, defaults):
+    """Settings of a resumed run: the checkpoint's saved args (flags added since it started take `defaults`, the
+    run's task/preset defaults), with the run-control flags from the command line. A training flag typed on the
     command line that differs from the run's value raises ValueError naming both values."""
-    merged = {**(defaults if defaults is not None else vars(parser.parse_args([]))), **saved}
+    merged = {**defaults, **saved}
     for dest in sorted(explicit_flags(parser, argv) - set(run_control)):
         new, old = getattr(args, dest), merged.get(dest)
         if _differs(new, old):
@@ -248,6 +248,16 @@ def check_finite(step, unit="step", **terms):
         v = float(val)
         if not math.isfinite(v):
             raise NonFiniteError(f"{unit} {step}: {name} is {v} (non-finite)")
+
+
+def nonfinite_exit(err, latest, unit="step"):
+    """The one line a training run exits with at a non-finite term: what went wrong and the checkpoint kept."""
+    latest = Path(latest)
+    if latest.exists():
+        kept = f"the last good checkpoint is {latest} ({unit} {torch.load(latest, weights_only=True)['step']})"
+    else:
+        kept = "no checkpoint was written"
+    return f"error: {err}; training stopped, {kept}"
 
 
 def policy_fits_task(cfg, task, state_dim, where):

@@ -607,10 +607,11 @@ def resolve_task(args, policy, ckpt):
         tasks.check_layout(ckpt, task, args.ckpt)
     except tasks.TaskError as e:
         raise SystemExit(f"error: {e}") from None
-    state_dim, _ = tasks.obs_dims(task, cfg.obs_mode)
-    if (cfg.state_dim, cfg.act_dim) != (state_dim, task.act_dim):
-        raise SystemExit(f"error: the policy takes {cfg.state_dim}-D state and emits {cfg.act_dim}-D actions, but task "
-                         f"{task.name} in {cfg.obs_mode} mode has {state_dim} and {task.act_dim}: wrong --task?")
+    try:
+        cli.policy_fits_task(cfg, task, tasks.obs_dims(task, cfg.obs_mode)[0],
+                             f"{args.ckpt} (trained for {ckpt.get('task', 'an unnamed task')}; wrong --task?)")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     return task
 
 

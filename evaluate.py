@@ -97,6 +97,11 @@ def evaluate_policy(policy, task, obs_mode, episodes=100, steps_list=(1,), n_env
     return rows
 
 
+def eval_columns(row):
+    """An evaluate_policy row as the eval_* columns of the pretrain and finetune logs."""
+    return {f"eval_{k}": row[k] for k in ("episodes", "success_rate", "ci_low", "ci_high", "return_mean", "length_mean")}
+
+
 def record_video(policy, task, obs_mode, path, episodes=2, steps=1, seed=100_000, max_episode_steps=None, act_steps=None):
     """Write the first `episodes` episodes of env 0 as one mp4 (gif if the name ends in .gif)."""
     import imageio
@@ -190,6 +195,8 @@ def main(argv=None):
         task = args.task or ckpt.get("task")
         if task is None:
             raise ValueError(f"{args.ckpt} names no task; pass --task")
+        if args.episodes == 0 and not args.embedding_data:
+            raise ValueError("--episodes 0 runs no rollouts: it needs --embedding-data FILE (nothing to report otherwise)")
         task = tasks.get_task(task)
         tasks.check_layout(ckpt, task, args.ckpt)
         obs_mode = policy.cfg.obs_mode

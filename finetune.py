@@ -161,12 +161,13 @@ def make_parser(task="lift", obs_mode="state", preset="cpu"):
     return p
 
 
-def parser_for(argv, task=None, obs_mode=None):
-    """The parser whose defaults are those of the run's task and observation mode (given, or read from the --ckpt
-    named in argv when it can be read; lift/state otherwise) and the --preset named in argv."""
+def parser_for(argv):
+    """The parser whose defaults are those of the run's task and observation mode (read from the --ckpt named in
+    argv when it can be read; lift/state otherwise) and the --preset named in argv."""
     sel = cli.selectors(argv, ckpt=None, task=None, preset="cpu", choices={"task": sorted(tasks.TASKS) + [None],
                                                                           "preset": ["cpu", "paper"]})
-    if task is None and sel["ckpt"]:
+    task = obs_mode = None
+    if sel["ckpt"]:
         try:
             ck = models.load_checkpoint(sel["ckpt"])
             task, obs_mode = ck.get("task"), ck["config"].get("obs_mode", "state")
@@ -249,6 +250,11 @@ def sample_chain(policy, noise_net, cond, k, noise_clip=3.0):
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def transitions_log_density(chain, mu, std):
+    """sum_i log N(x_{i+1}; mu_i, std_i^2) over the K transitions of each chain (summed over all dims)."""
+    return (-0.5 * ((chain[:, 1:] - mu) / std).pow(2) - std.log() - LOG_SQRT_2PI).flatten(1).sum(1)
+
+
 def chain_log_prob(policy, noise_net, cond, chain):
     """Exact log-density of a stored chain, summed over all dims: log N(x_0; 0, I) + sum_i log N(x_{i+1}; mu_i, sigma_i^2)
     (the initial-noise term is included, `account_for_initial_stochasticity`). All K transitions are evaluated in one
@@ -263,7 +269,7 @@ def chain_log_prob(policy, noise_net, cond, chain):
     std = noise_net(x_in, cond_k, t).view_as(chain[:, 1:])
     x0 = chain[:, 0]
     lp0 = (-0.5 * x0.pow(2) - LOG_SQRT_2PI).flatten(1).sum(1)
-    lp = (-0.5 * ((chain[:, 1:] - mu) / std).pow(2) - std.log() - LOG_SQRT_2PI).flatten(1).sum(1)
+    lp = transitions_log_density(chain, mu, std)
     dims = x0[0].numel()
     ent = dims * (0.5 + LOG_SQRT_2PI) * (k + 1) + std.log().flatten(1).sum(1)
     return lp0 + lp, ent, std, mu
@@ -275,10 +281,8 @@ def logratio_parts(chain, mu_old, std_old, mu_new, std_new, k, dims):
     mean action changed: log pi_new - log pi_old = [log N(x; mu_old, std_new) - log N(x; mu_old, std_old)]
     + [log N(x; mu_new, std_new) - log N(x; mu_old, std_new)], each divided by (K+1) Ta Da like the log-prob.
     Their approximate KLs show how much of the trust region the std spends (a hypothesis for stalled learning)."""
-    x = chain[:, 1:]
-
     def lp(mu, std):
-        return (-0.5 * ((x - mu) / std).pow(2) - std.log()).flatten(1).sum(1) / ((k + 1) * dims)
+        return transitions_log_density(chain, mu, std) / ((k + 1) * dims)
     mid = lp(mu_old, std_new)
     return lp(mu_new, std_new) - mid, mid - lp(mu_old, std_old)     # (mean part, std part)
 
@@ -354,12 +358,10 @@ CSV_COLS = ["iteration", "env_steps", "wall_s", "episodes", "success_rate", "ret
             "eval_return_mean", "eval_length_mean"]
 
 
-def settings(argv, device):
-    """Flags -> the run's settings. A new run takes the defaults table for its checkpoint's task and the preset,
+def settings(parser, args, argv, device):
+    """Flags (parsed by `parser` into `args`) -> the run's settings. A new run takes the defaults table for its checkpoint's task and the preset,
     overridden by the typed flags; --resume takes every training setting from <out>/latest.pt (cli.resume_settings:
     a differing training flag is an error). Returns (args, task, policy, out dir, resume checkpoint or None)."""
-    parser = parser_for(argv)
-    args = parser.parse_args(argv)
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out (the run directory)")
@@ -401,10 +403,11 @@ def settings(argv, device):
 def main(argv=None):
     # --- settings: a new run starts from --ckpt; --resume restores everything but the run-control flags ----------
     try:
-        pre_args = parse_args(argv)
-        torch.set_num_threads(pre_args.threads)
-        device = models.setup_device(models.resolve_device(pre_args.device))
-        args, task, policy, out, resume_ckpt = settings(argv, device)
+        parser = parser_for(argv)
+        args = parser.parse_args(argv)
+        torch.set_num_threads(args.threads)          # run-control flags: the same on a resumed run
+        device = models.setup_device(models.resolve_device(args.device))
+        args, task, policy, out, resume_ckpt = settings(parser, args, argv, device)
         if args.min_std >= args.max_std:
             raise ValueError(f"--min-std {args.min_std} must be below --max-std {args.max_std}")
         if args.dense_reward and (task.suite != "robosuite" or args.terminate_on_success):
@@ -462,8 +465,7 @@ def main(argv=None):
             r = evaluate.evaluate_policy(actor, task, obs_mode, args.eval_episodes, (K,), args.eval_envs,
                                          args.eval_seed, args.max_episode_steps, True, progress=False,
                                          workers=args.env_workers)[0]
-        return {"eval_episodes": r["episodes"], "eval_success_rate": r["success_rate"], "eval_ci_low": r["ci_low"],
-                "eval_ci_high": r["ci_high"], "eval_return_mean": r["return_mean"], "eval_length_mean": r["length_mean"]}
+        return evaluate.eval_columns(r)
 
     # --- CSV: a new file, or on resume the old one cut back to the checkpoint's iteration -------------------------
     csv_path = out / "log.csv"
@@ -618,9 +620,7 @@ def main(argv=None):
                 except cli.NonFiniteError as e:
                     bar.close()
                     envs.close()
-                    kept = f"the last good checkpoint is {latest} (iteration {models.load_checkpoint(str(latest))['step']})" \
-                        if latest.exists() else "no checkpoint was written"
-                    sys.exit(f"error: {e}; training stopped, {kept}")
+                    sys.exit(cli.nonfinite_exit(e, latest, "iteration"))
                 critic_opt.step()
                 if train_actor:
                     actor_opt.step()

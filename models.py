@@ -588,7 +588,12 @@ class MeanFlowPolicy(nn.Module):
                 u = self.velocity(z, r, t, cond)
                 z = (z - u if dt == 1.0 else z - dt * u).clamp(-1, 1)   # dt = 1 (K = 1): the product is u itself
             return z
-        for te, re, dt in self._time_embs(steps, b, cond.device):
+        return self.run_schedule(z, cond, self._time_embs(steps, b, cond.device))
+
+    def run_schedule(self, z, cond, embs):
+        """The K jumps of sampling given the schedule's [(t_emb(t_i), r_emb(r_i), dt_i)]: z <- clamp(z - dt_i u, -1, 1)
+        (dt = 1, i.e. K = 1: the product is u itself). Shared by `sample` and the captured act."""
+        for te, re, dt in embs:
             u = self.head_from_emb(z, te, re, cond)
             z = (z - u if dt == 1.0 else z - dt * u).clamp_(-1, 1)
         return z
@@ -705,11 +710,7 @@ class _ActCore(nn.Module):
     def forward(self, state, noise, rgb=None):
         p = self.policy
         cond = p.encode(torch.addcmul(self.s_off, state - self.s_lo, self.s_scale), rgb)
-        z = noise
-        for te, re, dt in self.times:
-            u = p.head_from_emb(z, te, re, cond)
-            z = (z - u if dt == 1.0 else z - dt * u).clamp(-1, 1)
-        return torch.addcmul(self.a_mid, z, self.a_half)
+        return torch.addcmul(self.a_mid, p.run_schedule(noise, cond, self.times), self.a_half)
 
 
 CAPTURE_MODES = ("auto", "trace", "compile", "graph")

@@ -291,8 +291,7 @@ def main(argv=None):
     def run_eval():                           # the EMA copy is what is evaluated (and fine-tuned)
         r = evaluate.evaluate_policy(ema, task, args.obs, args.eval_episodes, (args.inference_steps,),
                                      args.eval_envs, progress=False)[0]
-        return {"eval_steps": r["steps"], **{f"eval_{k}": r[k] for k in ("episodes", "success_rate", "ci_low",
-                                                                          "ci_high", "return_mean", "length_mean")}}
+        return {"eval_steps": r["steps"], **evaluate.eval_columns(r)}
 
     csv_path = out / "log.csv"
     cli.trim_csv(csv_path, CSV_COLS, "step", step)   # a new log, or the old one cut back to the checkpoint's step
@@ -322,9 +321,7 @@ def main(argv=None):
             cli.check_finite(step + 1, **terms)
         except cli.NonFiniteError as e:
             bar.close()
-            kept = f"the last good checkpoint is {latest} (step {models.load_checkpoint(str(latest))['step']})" \
-                if latest.exists() else "no checkpoint was written"
-            sys.exit(f"error: {e}; training stopped, {kept}")
+            sys.exit(cli.nonfinite_exit(e, latest))
         opt.step()
         step += 1
         if step % args.ema_every == 0:   # EMA every 10 steps with 0.995 (reference); plain copy before ema_start

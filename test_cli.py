@@ -276,3 +276,5 @@ def test_collapse_statistics_in_the_log_and_for_a_checkpoint(tmp_path, capsys):
     out = evaluate.main(["--ckpt", str(tmp_path / "run" / "latest.pt"), "--episodes", "0", "--embedding-data", data])
     assert out[0]["emb_n"] == 120 and 1.0 <= out[0]["emb_eff_rank"] <= 16
     assert "effective rank" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs --embedding-data"):              # no rollouts and nothing else: refused
+        evaluate.main(["--ckpt", str(tmp_path / "run" / "latest.pt"), "--episodes", "0"])
