@@ -7,6 +7,7 @@ robomimic's mask/successful and mask/failed). Output: robomimic's hdf5 layout (t
     python collect_demos.py --task square --episodes 100            # low-dim
     python collect_demos.py --task lift --episodes 50 --images      # + 96x96 cameras
     python collect_demos.py --task transport --episodes 100         # two arms, 14-D actions
+    python collect_demos.py --dagger runs/square/latest.pt --episodes 50   # DAgger: label where the policy goes
 
 Franka Kitchen (kitchen-complete / -partial / -mixed): the IK expert; an episode counts only if every subtask
 holds in its *final* state (the env latches a subtask the first time it is within reach of its goal). Output:
@@ -196,14 +197,14 @@ def _collect_worker(task_name, quota, max_attempts, seed, images, noise, keep_fa
     emit("done", {"attempts": attempts, "successes": successes})
 
 
-def _worker_main(worker, args, queue, parent_pid):
+def _worker_main(worker, target, args, queue, parent_pid):
     def emit(kind, payload):
         if os.getppid() != parent_pid:  # parent killed: do not collect on as an orphan
             os._exit(1)
         queue.put((worker, kind, payload))
 
     try:
-        _collect_worker(*args, emit=emit)
+        target(*args, emit=emit)
     except BaseException:  # noqa: BLE001 - forwarded to the parent
         queue.put((worker, "error", traceback.format_exc()))
 
@@ -218,13 +219,17 @@ def env_args_for(task, images: bool) -> dict:
             "env_kwargs": tasks.robosuite_kwargs(task, "image" if images else "state")}
 
 
-def _run_workers(jobs, handle):
-    """One process per job; messages are handled as they arrive (progress), results are merged
-    by the caller in worker order. A worker that dies without reporting raises instead of hanging."""
-    # fork, not spawn: the caller's __main__ (e.g. pretrain.py) is not re-imported; workers never touch torch.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+def _run_workers(jobs, handle, target=None, start="fork"):
+    """One process per job, each running target(*job, emit=...) (default _collect_worker); messages are handled as
+    they arrive (progress), results are merged by the caller in worker order. A worker that dies without reporting
+    raises instead of hanging. fork by default: the caller's __main__ (e.g. pretrain.py) is not re-imported and the
+    expert workers never touch torch; DAgger's workers run a policy, so they start fresh ("spawn"): a forked copy of
+    a process that has used torch's thread pools can deadlock."""
+    ctx = mp.get_context(start if start in mp.get_all_start_methods() else "spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(w, job, queue, os.getpid()), daemon=True) for w, job in enumerate(jobs)]
+    target = target or _collect_worker
+    procs = [ctx.Process(target=_worker_main, args=(w, target, job, queue, os.getpid()), daemon=True)
+             for w, job in enumerate(jobs)]
     for p in procs:
         p.start()
     done = set()
@@ -249,6 +254,17 @@ def _run_workers(jobs, handle):
                 p.join()
 
 
+def _bookkeeping(w, kind, payload, stats, what) -> bool:
+    """The messages every worker sends besides its episodes: "error" raises with the worker's traceback, "done"
+    stores its counts in stats[w]. True when the message was one of those."""
+    if kind == "error":
+        raise RuntimeError(f"{what} worker {w} failed:\n{payload}")
+    if kind == "done":
+        stats[w] = payload
+        return True
+    return False
+
+
 def _write(out, episodes, env_args, keep_failures):
     """Write via tasks.write_robomimic_hdf5 (atomic). With failures kept, also add mask/successful and
     mask/failed, still atomically: write to a side file, add the masks, then rename. A failed write
@@ -269,6 +285,114 @@ def _write(out, episodes, env_args, keep_failures):
         for tmp in (str(out) + ".tmp", side, side + ".tmp"):  # write_robomimic_hdf5 writes path + ".tmp"
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ----------------------------------------------------------------------------- DAgger (recovery data)
+def run_dagger_episode(env, task, rng, policy, beta: float, noise: float, max_steps: int):
+    """One DAgger episode (Ross, Gordon & Bagnell 2011, "A Reduction of Imitation Learning ... to No-Regret Online
+    Learning", arXiv 1011.0686): the learner `policy` drives (one-step `act`, whole chunks executed open-loop, as in
+    evaluation), except that each chunk is, with probability beta, the expert's own noisy actions (the beta mixture
+    of the paper); every visited state is labelled with the expert's *clean* action at that state. The expert must
+    be stateless (its action a function of the sim state and its episode parameters), so that the label at a state
+    the learner reached is what the expert would do there. Failed episodes are kept: their states are the ones the
+    demonstrations lack. Returns (episode dict in the demos' layout, success)."""
+    obs = env.reset()
+    sim_env = env.sim_env
+    expert = EXPERTS[task.name](sim_env, rng, noise)
+    post_success = int(rng.integers(2, 6))
+    ep = {k: [] for k in ("actions", "states", "rewards", "dones")}
+    obs_seq, success_at, t = [], None, 0
+    while t < max_steps and (success_at is None or t <= success_at + post_success):
+        chunk = None if rng.random() < beta else policy.act(obs)
+        for k in range(task.chunk):
+            obs_seq.append(_robomimic_obs(env, task, False))
+            ep["states"].append(sim_env.sim.get_state().flatten())
+            executed = expert()                    # also sets expert.clean, the label
+            obs, reward, _, truncated, info = env.step(executed if chunk is None else chunk[k])
+            ep["actions"].append(expert.clean)
+            ep["rewards"].append(float(reward))
+            ep["dones"].append(int(info["success"]))
+            t += 1
+            if info["success"] and success_at is None:
+                success_at = t
+            if truncated or t >= max_steps or (success_at is not None and t > success_at + post_success):
+                break
+    ep["dones"][-1] = 1
+    return {"actions": np.asarray(ep["actions"], dtype=np.float64), "states": np.asarray(ep["states"], dtype=np.float64),
+            "rewards": np.asarray(ep["rewards"], dtype=np.float64), "dones": np.asarray(ep["dones"], dtype=np.int64),
+            "obs": {k: np.stack([o[k] for o in obs_seq]) for k in obs_seq[0]},
+            "model_file": sim_env.sim.model.get_xml()}, success_at is not None
+
+
+def _dagger_worker(task_name, ckpt, quota, seed, beta, noise, max_steps, emit):
+    """Run `quota` DAgger episodes with the checkpoint's policy (CPU, one thread) in one env seeded `seed`."""
+    import torch
+
+    import models
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    policy, _ = models.load_policy(ckpt)
+    task = tasks.TASKS[task_name]
+    env = tasks.make_env(task, obs_mode="state", seed=seed)
+    rng = np.random.default_rng(seed)
+    successes = 0
+    with torch.no_grad():
+        for _ in range(quota):
+            ep, ok = run_dagger_episode(env, task, rng, policy, beta, noise, max_steps)
+            successes += ok
+            ep["success"] = ok
+            emit("episode", ep)
+    env.close()
+    emit("done", {"attempts": quota, "successes": successes})
+
+
+DAGGER_STEPS = {"square": 300}  # DAgger episode cap: the demos take 140-300 steps; a policy stuck longer adds
+                                # hundreds of copies of one state (often one the expert cannot leave either: a wrist
+                                # at its joint limit), which would outweigh everything else in the data
+
+
+def dagger(task_name, ckpt, src, out, episodes=50, beta=0.5, workers=2, seed=10_000, noise=0.05, max_steps=None,
+           progress=True) -> dict:
+    """Roll out the checkpoint's policy for `episodes` episodes of at most max_steps (default DAGGER_STEPS) (env
+    seeds seed + 1000*w + i, apart from the demos' and the evaluation's), the expert driving a fraction beta of the
+    chunks, label every visited state with the expert (run_dagger_episode), and write `src`'s demos plus the new
+    episodes to `out` (may equal src) with mask/dagger listing the new ones and mask/expert the demos
+    (tasks.append_robomimic_hdf5): `--filter-key expert` trains without them. beta > 0 matters early on: a policy
+    that never grasps only visits the approach, and the expert's chunks carry it on to the later phases, where the
+    policy's own chunks then drift and get labelled. Returns a summary dict."""
+    task = tasks.get_task(task_name)
+    if task.name not in EXPERTS or not getattr(EXPERTS[task.name], "stateless", False):
+        have = sorted(n for n, e in EXPERTS.items() if getattr(e, "stateless", False))
+        raise tasks.TaskError(f"DAgger needs an expert that can label any state; task {task.name} has none "
+                              f"(stateless experts: {', '.join(have)})")
+    if not Path(src).is_file():
+        raise tasks.TaskError(f"DAgger source dataset {src} does not exist")
+    workers = max(1, min(int(workers), episodes))
+    quotas = [episodes // workers + (w < episodes % workers) for w in range(workers)]
+    kept = [[] for _ in range(workers)]
+    stats = [None] * workers
+    t0 = time.time()
+    bar = tqdm(total=episodes, desc=f"{task.name} DAgger", unit="ep", dynamic_ncols=True, disable=not progress)
+
+    def handle(w, kind, payload):
+        if _bookkeeping(w, kind, payload, stats, "DAgger"):
+            return
+        kept[w].append(payload)
+        bar.update(1)
+
+    max_steps = min(max_steps or DAGGER_STEPS.get(task.name, task.max_episode_steps), task.max_episode_steps)
+    jobs = [(task.name, str(ckpt), quotas[w], seed + 1000 * w, beta, noise, max_steps) for w in range(workers)]
+    try:
+        _run_workers(jobs, handle, target=_dagger_worker, start="spawn")
+    finally:
+        bar.close()
+    eps = [ep for w in range(workers) for ep in kept[w]]
+    names = tasks.append_robomimic_hdf5(src, out, [{k: v for k, v in ep.items() if k != "success"} for ep in eps],
+                                        mask="dagger", base_mask="expert")
+    successes = sum(s["successes"] for s in stats)
+    return {"task": task.name, "ckpt": str(ckpt), "out": str(out), "episodes": len(eps), "beta": beta,
+            "learner_success_rate": successes / max(len(eps), 1), "samples": int(sum(len(ep["actions"]) for ep in eps)),
+            "first_demo": names[0] if names else None, "minutes": (time.time() - t0) / 60.0}
 
 
 def make_missing(task_name, episodes, images, out) -> dict:
@@ -326,10 +450,7 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
     n_att = [0]
 
     def handle(w, kind, payload):
-        if kind == "error":
-            raise RuntimeError(f"collect worker {w} failed:\n{payload}")
-        if kind == "done":
-            stats[w] = payload
+        if _bookkeeping(w, kind, payload, stats, "collect"):
             return
         n_att[0] += 1
         if kind == "episode":
@@ -531,6 +652,34 @@ def print_check(path, report: dict) -> None:
     print(report["verdict"])
 
 
+def run_dagger_cli(args) -> int:
+    """--dagger CKPT: one DAgger round by hand (pretrain.py --dagger-rounds runs them inside training)."""
+    import models
+    try:
+        ckpt = models.load_checkpoint(args.dagger)
+        if ckpt.get("stage", "pretrain") != "pretrain" or ckpt.get("obs_mode", "state") != "state":
+            raise tasks.TaskError(f"--dagger {args.dagger}: expected a state-observation pretrain checkpoint")
+        tasks.check_layout(ckpt, ckpt["task"], args.dagger)
+        if args.task is not None and args.task != ckpt["task"]:
+            raise tasks.TaskError(f"--task {args.task} but checkpoint {args.dagger} is a {ckpt['task']} policy")
+        src = args.dataset or ckpt.get("dataset")
+        if not src:
+            raise tasks.TaskError(f"--dagger {args.dagger}: the checkpoint names no dataset; pass --dataset FILE")
+        out = args.out or str(Path(src).with_name(Path(src).stem + "_dagger.hdf5"))
+        if args.out is None and Path(out).exists():
+            src = out                          # later rounds accumulate in the same file
+        s = dagger(ckpt["task"], args.dagger, src, out, args.episodes, args.beta, workers=args.workers,
+                   seed=10_000 + args.seed)
+    except (ValueError, FileNotFoundError, tasks.TaskError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{s['task']}: {s['episodes']} DAgger episodes of {s['ckpt']} (policy success "
+          f"{100 * s['learner_success_rate']:.0f}%), +{s['samples']} labelled states, {s['minutes']:.1f} min -> {s['out']} "
+          f"(train with or without them: --filter-key expert)")
+    print(json.dumps(s))
+    return 0
+
+
 def main():
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=sorted(RUNNERS), default=None,
@@ -548,6 +697,13 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="base seed; worker w uses seed + 1000*w")
     p.add_argument("--noise", type=cli.nonneg_float, default=0.05, help="std of Gaussian action noise (x0.3 on rotation)")
     p.add_argument("--keep-failures", action="store_true", help="also write failed episodes")
+    g = p.add_argument_group("DAgger: recovery data where a trained policy goes (robosuite tasks with a stateless expert)")
+    g.add_argument("--dagger", metavar="CKPT", default=None,
+                   help="roll out this pretrain checkpoint's policy for --episodes episodes, label every visited state with "
+                        "the expert's clean action, and write the dataset plus those episodes (mask/dagger; the originals "
+                        "in mask/expert) to --out")
+    g.add_argument("--dataset", default=None, help="--dagger: the dataset to extend (default: the one the checkpoint trained on)")
+    g.add_argument("--beta", type=cli.probability, default=0.5, help="--dagger: probability that a chunk is the expert's own instead of the policy's")
     p.add_argument("--max-attempts", type=cli.positive_int, default=None, help="cap on attempts (default 2*episodes+20)")
     g = p.add_argument_group(f"locomotion teacher ({', '.join(TEACHERS)})")
     g.add_argument("--transitions", type=cli.positive_int, default=200_000, help="transitions in the dataset (default 200000)")
@@ -569,8 +725,10 @@ def main():
             raise SystemExit(2)
         print_check(args.check_data, report)
         raise SystemExit(0 if report["fits"] else 1)
+    if args.dagger:
+        raise SystemExit(run_dagger_cli(args))
     if args.task is None:
-        p.error("--task is required (unless --check-data FILE)")
+        p.error("--task is required (unless --check-data FILE or --dagger CKPT)")
     teacher_kwargs = {}
     if args.task in TEACHERS:
         teacher_kwargs = dict(transitions=args.transitions, teacher_steps=args.teacher_steps, ckpt_every=args.ckpt_every,

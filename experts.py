@@ -72,6 +72,7 @@ class ArmExpert:
 
     first_phase = "hover"
     max_retries = 3
+    stateless = False  # True: policy() depends on the sim state and sample()'s parameters only (can label any state)
 
     def __init__(self, sim_env, rng: np.random.Generator, noise: float, robot: int = 0):
         self.env = sim_env
@@ -152,6 +153,7 @@ class ArmExpert:
         self.prev_pos = pos
         a = self.policy()
         self.t += 1
+        self.clean = np.clip(a, -1.0, 1.0)  # the noiseless action: DAgger's label (collect_demos.run_dagger_episode)
         if self.noise > 0:
             a = a + self.rng.normal(0.0, self.noise, 7) * np.array([1, 1, 1, 0.3, 0.3, 0.3, 0])
         return np.clip(a, -1.0, 1.0)
@@ -295,14 +297,28 @@ class CanExpert(ArmExpert):
 
 
 class SquareExpert(ArmExpert):
-    """Grasp the nut's handle, yaw it to 180/270 deg over peg 1, lower it onto the peg."""
+    """Grasp the nut's handle, yaw it to 180/270 deg over peg 1, lower it onto the peg.
+
+    Stateless: the clean action is a function of the current simulator state and the episode's parameters
+    (`sample`) only -- no phase memory, timers or counters -- so the expert can label any state a learner reaches
+    (DAgger, Ross et al. 2011, arXiv 1011.0686). The phase is read from the state each step:
+      placed   nut low and centred on the peg          -> open in place, then rise
+      held     handle between fingers closed on it     -> lift clear / align over the peg / lower
+      closing  at the grasp point, fingers not closed  -> close
+      missed   fingers closed (partly) on nothing      -> open while rising
+      free     otherwise                               -> hover over the handle, descend once aligned
+    `self.phase` holds the name of the branch taken (diagnostics only; the next call recomputes it).
+    """
+
+    stateless = True
+    PLACED_Z = 0.835  # nut body z once it sits around the peg (table top 0.82; the peg's top is ~0.9)
+    HELD_GAP = (0.015, 0.034)  # finger gap closed on the 2 cm handle (0.030); open is 0.079, on nothing < 0.01
 
     def sample(self):
         r = self.rng
         self.hover_h = r.uniform(0.06, 0.10)
         self.grasp_off = np.array([0.0, 0.0, -0.003 + r.uniform(-0.002, 0.002)])
         self.handle_shift = r.uniform(0.0, 0.008)  # along the handle, away from the ring
-        self.close_steps = int(r.integers(8, 12))
         self.carry_z = r.uniform(1.00, 1.04)
         self.lower_vz = r.uniform(0.3, 0.5)
         self.kp_xy = r.uniform(1.5, 2.0)  # stiffer xy servo of the nut centre over the peg
@@ -312,81 +328,74 @@ class SquareExpert(ArmExpert):
         self.nut_id = self.env.obj_body_id["SquareNut"]
         self.handle_site = m.site_name2id("SquareNut_handle_site")
         self.peg_id = self.env.peg1_body_id
-        self.nut_goal_yaw = None
-        self.realigns = 0
 
     def policy(self):
+        # positions/orientations of the current qpos: after env.step they are one physics substep old (mj_step
+        # integrates after computing them), after a restored state they are current; forward() makes both agree
+        self.sim.forward()
         d = self.sim.data
         nut, Rn = self.body(self.nut_id)
         nut_yaw = body_yaw(Rn)
-        handle = d.site_xpos[self.handle_site] + self.handle_shift * Rn[:, 0]
+        grip_pt = d.site_xpos[self.handle_site] + self.handle_shift * Rn[:, 0] + self.grasp_off
         peg = d.body_xpos[self.peg_id]
         pos, R = self.eef()
-        grasp_R = down_at_yaw(wrap(nut_yaw, np.pi))
-        a = self.common_phases(grasp_R if self.R_grasp is None else self.R_grasp)
-        if a is not None:
-            self.R_grasp = None
-            return a
-        held = self.phase in ("lift", "align", "lower", "raise")
-        if held and self.lost(handle, 0.04):
-            self.retry()
-            return self.servo(pos, R, GRIP_OPEN)
-        a = self.grasp_phases(handle + [0.0, 0.0, self.hover_h], handle + self.grasp_off, grasp_R, 50,
-                              grasp_tol=0.006, hover_xy_tol=0.005)
-        if a is not None:
-            return a
-        if self.phase == "lift":
-            if pos[2] > self.carry_z - 0.015:
-                self.goto("align")
-                self.choose_goal_yaw(nut_yaw, gripper_yaw(R))
-            return self.servo([self.hold[0], self.hold[1], self.carry_z], self.R_grasp, GRIP_CLOSE)
-        # closed loop on the nut: gripper yaw target = current yaw + remaining nut yaw error
-        yaw_e = wrap(self.nut_goal_yaw - nut_yaw)
-        R_t = down_at_yaw(gripper_yaw(R) + yaw_e)  # absolute pitch/roll (down), only yaw relative
+        gap = self.finger_gap()
         dxy = peg[:2] - nut[:2]
-        if self.phase == "align":
-            done = np.linalg.norm(dxy) < 0.004 and abs(yaw_e) < 0.05 and self.speed < 0.002
-            if done or (self.t > 120 and np.linalg.norm(dxy) < 0.008):
-                self.goto("lower")
-            return self.servo(np.append(pos[:2] + dxy, self.carry_z), R_t, GRIP_CLOSE, vmax_z=0.5,
-                              kp_xy=self.kp_xy, rot_gain=self.rot_gain)
-        if self.phase == "lower":  # z steps only while the nut is centred (xy and z capped separately)
-            z = pos[2] - 0.03 if np.linalg.norm(dxy) < 0.003 else pos[2]
-            stalled = self.t > 20 and self.speed < 0.0005 and np.linalg.norm(dxy) < 0.003
-            if stalled and nut[2] > 0.88 and self.realigns < 2:  # jammed on the peg top: lift, re-align
-                self.realigns += 1
-                self.goto("raise")
-            elif nut[2] < 0.835 or stalled or self.t > 150:
-                self.goto("release")
-                self.hold = pos
-            return self.servo(np.append(pos[:2] + dxy, z), R_t, GRIP_CLOSE, vmax_z=self.lower_vz,
-                              kp_xy=self.kp_xy, rot_gain=self.rot_gain)
-        if self.phase == "raise":
-            if pos[2] > self.carry_z - 0.01 or self.t > 40:
-                self.goto("align")
-            return self.servo(np.append(pos[:2], self.carry_z), R_t, GRIP_CLOSE, vmax_z=0.5)
-        if self.phase == "release":
-            if self.t >= 6:
-                self.goto("retreat")
-            return self.servo(self.hold, R_t, GRIP_OPEN)
-        if self.phase == "retreat":
-            return self.servo(np.append(self.hold[:2], 1.05), R_t, GRIP_OPEN)
-        raise ValueError(self.phase)
+        rel = grip_pt - pos
+        in_hand = np.linalg.norm(rel) < 0.02
+        if nut[2] < self.PLACED_Z and np.linalg.norm(dxy) < 0.02:
+            self.phase = "release" if gap < 0.075 else "retreat"
+            tgt = pos if gap < 0.075 else np.append(pos[:2], 1.05)
+            return self.servo(tgt, down_at_yaw(gripper_yaw(R)), GRIP_OPEN)
+        if in_hand and self.HELD_GAP[0] < gap < self.HELD_GAP[1]:
+            return self.held(nut, nut_yaw, dxy, pos, R)
+        grasp_R = down_at_yaw(wrap(nut_yaw, np.pi))
+        xy_err = np.linalg.norm(rel[:2])
+        if in_hand and gap > self.HELD_GAP[0] and (gap < 0.075 or (xy_err < 0.006 and abs(rel[2]) < 0.008)):
+            self.phase = "close"  # at the grasp point (or already closing on the handle): close in place
+            return self.servo(grip_pt, grasp_R, GRIP_CLOSE)
+        if gap < 0.07:
+            self.phase = "reopen"  # closed on nothing or lost the handle: open while rising
+            return self.servo(pos + [0, 0, 0.03], down_at_yaw(gripper_yaw(R)), GRIP_OPEN)
+        if xy_err < 0.008 and self.ang_err(grasp_R) < 0.1:
+            self.phase = "descend"
+            return self.servo(grip_pt, grasp_R, GRIP_OPEN, vmax_z=self.descend_vmax)
+        self.phase = "hover"
+        return self.servo(grip_pt + [0.0, 0.0, self.hover_h], grasp_R, GRIP_OPEN)
 
-    def choose_goal_yaw(self, nut_yaw: float, grip_yaw: float):
+    def held(self, nut, nut_yaw, dxy, pos, R):
+        """The nut is in the hand: lift it clear, yaw it to the goal over the peg, lower it while centred."""
+        yaw_e = wrap(self.goal_yaw(nut_yaw, gripper_yaw(R)) - nut_yaw)
+        R_t = down_at_yaw(gripper_yaw(R) + yaw_e)  # absolute pitch/roll (down), only yaw relative
+        gains = dict(kp_xy=self.kp_xy, rot_gain=self.rot_gain)
+        e = np.linalg.norm(dxy)
+        if e < 0.01 and abs(yaw_e) < 0.08:  # over the peg: step down only while centred, else hold the height
+            self.phase = "lower"
+            z = pos[2] - 0.03 if e < 0.003 and abs(yaw_e) < 0.05 else pos[2]
+            return self.servo(np.append(pos[:2] + dxy, z), R_t, GRIP_CLOSE, vmax_z=self.lower_vz, **gains)
+        if pos[2] < self.carry_z - 0.015:  # lift clear (off the table, or off a jammed peg top) before moving
+            self.phase = "lift"
+            # the wrist keeps its yaw on the way up: turning it while lifting stalls the arm
+            return self.servo(np.append(pos[:2], self.carry_z), down_at_yaw(gripper_yaw(R)), GRIP_CLOSE, vmax_z=0.5)
+        self.phase = "align"
+        return self.servo(np.append(pos[:2] + dxy, self.carry_z), R_t, GRIP_CLOSE, vmax_z=0.5, **gains)
+
+    @staticmethod
+    def goal_yaw(nut_yaw: float, grip_yaw: float) -> float:
         """Nut yaw 180 or 270 deg: the handle then sits on the robot side of the peg. (0 deg puts the
         gripper at the reach edge, 90 deg near it: the arm stalls and tilts, the nut jams.)
-        Pick the one needing the least wrist rotation that keeps |gripper yaw| < 150 deg (joint 7)."""
+        The one needing the least wrist rotation that keeps |gripper yaw| < 150 deg (joint 7); a deterministic
+        rule of the current state (the hand-to-nut yaw offset is fixed while the nut is held), ties to 180."""
         offset = wrap(nut_yaw - grip_yaw)
         best = None
         for goal in (np.pi, 1.5 * np.pi):
             g_yaw = wrap(goal - offset)
             if abs(g_yaw) > np.deg2rad(150):
                 continue
-            cost = abs(wrap(g_yaw - grip_yaw)) + 0.3 * self.rng.random()
-            if best is None or cost < best[0]:
+            cost = abs(wrap(g_yaw - grip_yaw))
+            if best is None or cost < best[0] - 1e-9:
                 best = (cost, goal)
-        self.nut_goal_yaw = best[1] if best else 1.5 * np.pi
+        return best[1] if best else 1.5 * np.pi
 
 
 # TwoArmTransport: robot0 (base at y=-0.81, facing +y) works on table 0 (start bin at y~-0.45), robot1

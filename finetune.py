@@ -343,7 +343,7 @@ class Critic(nn.Module):
         super().__init__()
         image = cfg.obs_mode == "image"
         self.encoder = models.ImageEncoder(dataclasses.replace(cfg, augment=False, spatial_dropout=0.0)) if image else None
-        self.net = models.ResidualMLP(self.encoder.out_dim if image else cfg.state_dim, hidden, 1, n_blocks=1)
+        self.net = models.ResidualMLP(self.encoder.out_dim if image else cfg.feature_dim, hidden, 1, n_blocks=1)
 
     def forward(self, state_n, rgb=None):
         x = self.encoder(state_n, rgb) if self.encoder is not None else state_n
@@ -490,7 +490,7 @@ def main(argv=None):
         return s, (torch.as_tensor(o["rgb"], device=device) if image else None)
 
     # --- rollout buffers, allocated once: every slot is overwritten each iteration (b_boot is re-zeroed) ----------
-    b_state = torch.zeros(T, N, actor.cfg.state_dim, device=device)
+    b_state = torch.zeros(T, N, actor.cfg.feature_dim, device=device)   # normalized: the encoder's input
     b_rgb = torch.zeros(T, N, *obs["rgb"].shape[1:], dtype=torch.uint8, device=device) if image else None
     b_chain = torch.zeros(T, N, K + 1, task.chunk, task.act_dim, device=device)
     b_logp = torch.zeros(T, N, device=device)

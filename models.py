@@ -73,6 +73,9 @@ class PolicyConfig:
     disp_loss: str = "infonce_l2"
     disp_temp: float = 0.5
     inference_steps: int = 1            # K used by `act` unless told otherwise
+    # where xyzw quaternions start in the state (tasks.quaternion_starts): the encoder sees each as the first two
+    # columns of its rotation matrix instead of the normalized quaternion (quat_to_rot6d); () = the state as it is
+    rot_quats: tuple = ()
 
     def __post_init__(self):
         if self.obs_mode not in ("state", "image"):
@@ -91,6 +94,18 @@ class PolicyConfig:
         if not (_real(self.disp_temp) and math.isfinite(self.disp_temp) and self.disp_temp > 0):
             raise ValueError(f"disp_temp must be a finite number > 0, got {self.disp_temp!r}")
         self.cond_mlp_dims = tuple(self.cond_mlp_dims)
+        self.rot_quats = tuple(self.rot_quats)
+        ends = [-1] + sorted(self.rot_quats)
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in self.rot_quats) or \
+                any(b < a + 4 and a >= 0 for a, b in zip(ends[1:], ends[2:])) or \
+                (self.rot_quats and (min(self.rot_quats) < 0 or max(self.rot_quats) > self.state_dim - 4)):
+            raise ValueError(f"rot_quats must be start indices of non-overlapping 4-D blocks of the {self.state_dim}-D "
+                             f"state, got {self.rot_quats!r}")
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the normalized state the encoder takes: each quaternion in rot_quats becomes 6 numbers."""
+        return self.state_dim + 2 * len(self.rot_quats)
 
     @classmethod
     def from_dict(cls, d):
@@ -99,6 +114,17 @@ class PolicyConfig:
         if unknown:
             raise ValueError(f"checkpoint config has unknown keys {sorted(unknown)}")
         return cls(**d)
+
+
+def quat_to_rot6d(q):
+    """xyzw quaternions (..., 4) -> the first two columns of their rotation matrices (..., 6). A rotation has two
+    quaternions, q and -q, and a recorded one switches between them where its sign convention flips; the matrix
+    columns are continuous in the rotation (Zhou et al. 2019, "On the Continuity of Rotation Representations in
+    Neural Networks", arXiv 1812.07035). Entries lie in [-1, 1], so they need no further normalization."""
+    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    x, y, z, w = q.unbind(-1)
+    return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y + z * w), 2 * (x * z - y * w),
+                        2 * (x * y - z * w), 1 - 2 * (x * x + z * z), 2 * (y * z + x * w)], dim=-1)
 
 
 def resolve_device(name="auto"):
@@ -223,8 +249,8 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.augment = cfg.augment
         self.vit = LightViT(3 * cfg.n_cameras, cfg.vit_dim, cfg.vit_heads, cfg.vit_depth, cfg.img_size)
-        self.spatial = SpatialEmb(self.vit.n_tokens, cfg.vit_dim, cfg.state_dim, cfg.vit_dim, cfg.spatial_dropout)
-        self.out_dim = cfg.vit_dim + cfg.state_dim
+        self.spatial = SpatialEmb(self.vit.n_tokens, cfg.vit_dim, cfg.feature_dim, cfg.vit_dim, cfg.spatial_dropout)
+        self.out_dim = cfg.vit_dim + cfg.feature_dim
 
     def forward(self, state, rgb):              # rgb: uint8 or float in [0, 255], (B, 3*cams, H, W)
         img = rgb.float() / 255.0 - 0.5
@@ -238,7 +264,7 @@ class StateEncoder(nn.Module):
 
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
-        self.net = mlp([cfg.state_dim, *cfg.cond_mlp_dims])
+        self.net = mlp([cfg.feature_dim, *cfg.cond_mlp_dims])
         self.out_dim = cfg.cond_mlp_dims[-1]
 
     def forward(self, state, rgb=None):
@@ -327,6 +353,9 @@ class MeanFlowPolicy(nn.Module):
         for name, dim in (("state", cfg.state_dim), ("action", cfg.act_dim)):
             self.register_buffer(f"{name}_min", -torch.ones(dim))
             self.register_buffer(f"{name}_max", torch.ones(dim))
+        quat_dims = {i + k for i in cfg.rot_quats for k in range(4)}
+        self.register_buffer("keep_dims", torch.tensor([i for i in range(cfg.state_dim) if i not in quat_dims]),
+                             persistent=False)    # derived from the config, not saved
 
     # -- normalization: x_n = 2 (x - min) / (max - min) - 1; constant dims (max == min) map to 0 -------------
     def set_normalization(self, state_min, state_max, action_min, action_max):
@@ -368,8 +397,17 @@ class MeanFlowPolicy(nn.Module):
         return self._derived(("norm", name), (lo, hi), build)
 
     def normalize_state(self, s):
+        """Raw state (..., state_dim) -> the encoder's input (..., cfg.feature_dim): min/max-normalized, with the
+        quaternions of cfg.rot_quats replaced by their rotation-matrix columns (state_features)."""
         scale, off = self._norm_coefs("state", self.state_min, self.state_max)
-        return torch.addcmul(off, s - self.state_min, scale)
+        return self.state_features(s, torch.addcmul(off, s - self.state_min, scale))
+
+    def state_features(self, s, s_n):
+        """s_n (the normalized state) with each quaternion of cfg.rot_quats, read from the raw state s, as its
+        rotation-matrix columns (quat_to_rot6d) after the other dims; s_n itself when there are none."""
+        if not self.cfg.rot_quats:
+            return s_n
+        return torch.cat([s_n[..., self.keep_dims]] + [quat_to_rot6d(s[..., i:i + 4]) for i in self.cfg.rot_quats], -1)
 
     def normalize_action(self, a):
         scale, off = self._norm_coefs("action", self.action_min, self.action_max)
@@ -709,7 +747,7 @@ class _ActCore(nn.Module):
 
     def forward(self, state, noise, rgb=None):
         p = self.policy
-        cond = p.encode(torch.addcmul(self.s_off, state - self.s_lo, self.s_scale), rgb)
+        cond = p.encode(p.state_features(state, torch.addcmul(self.s_off, state - self.s_lo, self.s_scale)), rgb)
         return torch.addcmul(self.a_mid, p.run_schedule(noise, cond, self.times), self.a_half)
 
 

@@ -36,9 +36,10 @@ RUN_CONTROL = ("steps", "max_minutes", "eval_every", "eval_episodes", "eval_envs
 #          cfg/gym/pretrain/*/pre_improved_meanflow_dispersive_mlp.yaml): epochs over the dataset instead of steps,
 #          warm-up and EMA start in epochs, cosine to min_lr, batch 256 robomimic / 128 gym / 64 kitchen.
 # Network shapes (hidden_dim, cond_dims) follow the released configs in both presets.
-COMMON = dict(alpha_disp=0.5, disp_loss="infonce_l2", disp_temp=0.5, flow_ratio=0.5, min_lr_ratio=0.1, warmup=500,
+COMMON = dict(orientation="quat", alpha_disp=0.5, disp_loss="infonce_l2", disp_temp=0.5, flow_ratio=0.5, min_lr_ratio=0.1, warmup=500,
               weight_decay=1e-6, ema_decay=0.995, ema_every=10, ema_start=1000, grad_clip=1.0, inference_steps=1,
-              epochs=None, warmup_epochs=None, ema_start_epochs=None, demos=100)
+              epochs=None, warmup_epochs=None, ema_start_epochs=None, demos=100,
+              dagger_rounds=0, dagger_episodes=50, dagger_beta=0.5)
 PRESETS = {
     "cpu": {
         "robomimic": dict(loss="meanflow", steps=30_000, batch_size=256, lr=1e-4, hidden_dim=512, cond_dims=[128, 32]),
@@ -64,6 +65,13 @@ PRESETS = {
     },
 }
 PAPER_TASK_EPOCHS = {"walker2d": (80, 10), "kitchen-partial": (5000, 100), "kitchen-mixed": (5000, 100)}
+# Per-task changes to the cpu preset for state policies, each measured (README, Results). Square's policy leaves the
+# demonstrated states and never comes back (covariate shift: the scripted demos hold almost no recoveries), so it gets
+# DAgger rounds, recovery data labelled by its expert (collect_demos.dagger); "rot6d" feeds each quaternion of the
+# state to the encoder as rotation-matrix columns (models.quat_to_rot6d) instead of as recorded ("quat"): square's
+# nut-to-hand quaternion is a rotation of ~180 deg (hand down, nut up), where the recorded sign alternates from step
+# to step; and a 3x higher learning rate.
+CPU_STATE_TASK = {"square": dict(lr=3e-4, dagger_rounds=3, orientation="rot6d")}
 
 
 def family(task, obs):
@@ -80,6 +88,8 @@ def defaults(task, obs="state", preset="cpu"):
     d = {**COMMON, **PRESETS[preset][family(task, obs)]}
     if preset == "paper" and task.name in PAPER_TASK_EPOCHS:
         d["epochs"], d["warmup_epochs"] = PAPER_TASK_EPOCHS[task.name]
+    if preset == "cpu" and obs == "state":
+        d.update(CPU_STATE_TASK.get(task.name, {}))
     return d
 
 
@@ -98,6 +108,10 @@ def make_parser(task="lift", obs="state", preset="cpu"):
     p.add_argument("--holdout-episodes", type=cli.nonneg_int, default=0, help="keep the last N episodes out of training; the embedding statistics are then measured on them")
     p.add_argument("--probe-size", type=cli.positive_int, default=1024, help="observations whose embeddings give the logged collapse statistics (emb_* columns)")
     p.add_argument("--demos", type=cli.positive_int, default=d["demos"], help="scripted demos to collect when the default dataset is missing")
+    p.add_argument("--orientation", default=d["orientation"], choices=["quat", "rot6d"], help="how the encoder sees the state's quaternions: as recorded, or as rotation-matrix columns (continuous where the recorded sign flips; robosuite tasks)")
+    p.add_argument("--dagger-rounds", type=cli.nonneg_int, default=d["dagger_rounds"], help="DAgger rounds, evenly spaced over the steps: roll out the EMA policy, label the visited states with the task's expert, train on demos + all labels (<out>/dagger.hdf5; state obs, robosuite tasks with a stateless expert)")
+    p.add_argument("--dagger-episodes", type=cli.positive_int, default=d["dagger_episodes"], help="policy episodes per DAgger round")
+    p.add_argument("--dagger-beta", type=cli.probability, default=d["dagger_beta"], help="probability that a DAgger chunk is the expert's instead of the policy's")
     p.add_argument("--loss", default=d["loss"], choices=list(models.LOSSES), help="meanflow, improved MeanFlow (imf), or flow matching (ReFlow baseline)")
     p.add_argument("--alpha-disp", type=cli.nonneg_float, default=d["alpha_disp"], help="weight of the dispersive loss (0 = plain MeanFlow)")
     p.add_argument("--disp-loss", default=d["disp_loss"], choices=list(models.DISP_LOSSES), help="dispersive loss variant")
@@ -168,9 +182,25 @@ def find_dataset(args, task):
     downloaded = tasks.downloaded_path(task, args.obs)
     if downloaded.exists():
         return str(downloaded)
-    import collect_demos   # the documented quick start: the data maker runs when the default dataset is missing
+    import collect_demos   # the data maker (the one stage this script calls): demos when the default dataset is missing
     collect_demos.make_missing(task.name, args.demos, args.obs == "image", str(path))
     return str(path)
+
+
+def check_dagger(args, task):
+    """DAgger rounds need a robosuite task whose expert can label any state, state observations and the whole dataset."""
+    import collect_demos   # the data maker also makes the DAgger rounds' labels
+    expert = collect_demos.EXPERTS.get(task.name)
+    if not getattr(expert, "stateless", False):
+        raise ValueError(f"--dagger-rounds {args.dagger_rounds}: task {task.name} has no expert that can label any "
+                         f"state; pass --dagger-rounds 0")
+    if args.obs != "state":
+        raise ValueError(f"--dagger-rounds {args.dagger_rounds}: DAgger labels state observations; pass --obs state "
+                         f"or --dagger-rounds 0")
+    for flag, value in (("--filter-key", args.filter_key), ("--holdout-episodes", args.holdout_episodes)):
+        if value:
+            raise ValueError(f"--dagger-rounds {args.dagger_rounds} trains on every demo plus the labels; {flag} "
+                             f"does not apply (pass --dagger-rounds 0)")
 
 
 def lr_at(step, args):
@@ -208,7 +238,8 @@ def settings(argv):
     ckpt = models.load_checkpoint(str(latest))
     cli.require_stage(ckpt, "pretrain", latest)
     tasks.check_layout(ckpt, ckpt["task"], latest)
-    saved = ckpt["args"]
+    # settings added since older runs started, at the values those runs trained with
+    saved = {"orientation": "rot6d" if ckpt["config"].get("rot_quats") else "quat", "dagger_rounds": 0, **ckpt["args"]}
     run_defaults = vars(make_parser(saved["task"], saved.get("obs", "state"), saved.get("preset", "cpu")).parse_args([]))
     args = cli.resume_settings(parser, argv, args, saved, RUN_CONTROL, latest, run_defaults)
     args.epochs = args.warmup_epochs = args.ema_start_epochs = None   # already turned into steps when the run began
@@ -224,7 +255,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         device = models.setup_device(models.resolve_device(args.device))   # CUDA: TF32 matmuls, cuDNN autotuning
         dataset_path = find_dataset(args, task)
+        if args.dagger_rounds:
+            check_dagger(args, task)
         data = tasks.load_dataset(dataset_path, task, args.obs, filter_key=args.filter_key)
+        dagger_path = out / "dagger.hdf5"     # demos + the DAgger rounds' labels, made by this run
+        dagger_done = resume_ckpt.get("dagger_rounds_done", 0) if resume_ckpt is not None else 0
+        if dagger_done:
+            if not dagger_path.is_file():
+                raise ValueError(f"--resume: the run did {dagger_done} DAgger round(s) but {dagger_path} is missing")
+            data_all = tasks.load_dataset(dagger_path, task, args.obs)
         probe_data = data
         if args.holdout_episodes:             # never trained on (nor in the normalization): the embedding probe
             data, probe_data = data.split_last(args.holdout_episodes)
@@ -251,9 +290,10 @@ def main(argv=None):
                               n_cameras=max(n_cams, 1), augment=not args.no_augment, cond_mlp_dims=tuple(args.cond_dims),
                               hidden_dim=args.hidden_dim, loss=args.loss, flow_ratio=args.flow_ratio,
                               alpha_disp=args.alpha_disp, disp_loss=args.disp_loss, disp_temp=args.disp_temp,
-                              inference_steps=args.inference_steps)
+                              inference_steps=args.inference_steps,
+                              rot_quats=tasks.quaternion_starts(task, args.obs) if args.orientation == "rot6d" else ())
     policy = models.make_policy(cfg, device)
-    stats = tasks.normalization_stats(data)
+    stats = tasks.normalization_stats(data)   # of the demos: DAgger rounds keep this normalization
     policy.set_normalization(**stats)
     ema = copy.deepcopy(policy).requires_grad_(False)
     opt = models.make_optimizer(policy.parameters(), args.lr, args.weight_decay, device)   # fused AdamW on CUDA
@@ -267,11 +307,17 @@ def main(argv=None):
         print(f"resumed {latest} at step {step}")
 
     # --- the data, normalized once and kept on the device --------------------------------------------------
-    states = policy.normalize_state(torch.as_tensor(data.states, device=device))
-    actions = policy.normalize_action(torch.as_tensor(data.actions, device=device)).clamp(-1, 1)
-    images = torch.as_tensor(data.images, device=device) if args.obs == "image" else None
-    starts = torch.as_tensor(starts_np, device=device)
+    def on_device(data):
+        states = policy.normalize_state(torch.as_tensor(data.states, device=device))
+        actions = policy.normalize_action(torch.as_tensor(data.actions, device=device)).clamp(-1, 1)
+        images = torch.as_tensor(data.images, device=device) if args.obs == "image" else None
+        return states, actions, images, torch.as_tensor(tasks.chunk_starts(data, task.chunk), device=device)
+
+    states, actions, images, starts = on_device(data_all if dagger_done else data)
     offsets = torch.arange(task.chunk, device=device)
+    # DAgger round r (1..R) runs once step reaches round_steps[r - 1]: rounds evenly spaced, the last R+1-th of the
+    # steps trains on every label
+    round_steps = [args.steps * r // (args.dagger_rounds + 1) for r in range(1, args.dagger_rounds + 1)]
     # probe set of the collapse statistics: held-out episodes, else a fixed sample of the training observations
     probe_states, probe_images = probe_data.probe(args.probe_size)
     probe_states = policy.normalize_state(torch.as_tensor(probe_states, device=device))
@@ -284,7 +330,7 @@ def main(argv=None):
     def save(path):
         models.save_checkpoint(str(path), policy, ema, step, extra={
             "stage": "pretrain", "task": task.name, "obs_mode": args.obs, "obs_layout": tasks.OBS_LAYOUT,
-            "dataset": str(dataset_path),
+            "dataset": str(dataset_path), "dagger_rounds_done": dagger_done,
             "args": vars(args), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
             "wall_s": time.time() - wall0})
 
@@ -306,6 +352,19 @@ def main(argv=None):
         inductor_config.fallback_random = True   # draw t, r, noise with eager's RNG: the same batches as without it
         loss_fn = torch.compile(policy.loss)
     while step < args.steps:
+        # --- DAgger: the current EMA policy drives, the expert labels where it went; train on everything so far ---
+        if dagger_done < args.dagger_rounds and step >= round_steps[dagger_done]:
+            save(latest)                      # the policy the workers load
+            import collect_demos
+            r = collect_demos.dagger(task.name, latest, dagger_path if dagger_done else dataset_path, dagger_path,
+                                     args.dagger_episodes, args.dagger_beta, seed=10_000 * (dagger_done + 1) + args.seed,
+                                     progress=False)
+            dagger_done += 1
+            states, actions, images, starts = on_device(tasks.load_dataset(dagger_path, task, args.obs))
+            tqdm.write(f"DAgger round {dagger_done}/{args.dagger_rounds} at step {step}: {r['episodes']} episodes, "
+                       f"policy success {100 * r['learner_success_rate']:.0f}%, +{r['samples']} labelled states "
+                       f"({r['minutes']:.1f} min); training on {len(states)} states -> {dagger_path}")
+            save(latest)
         # --- one gradient step on a random batch of (observation, action chunk) ---
         idx = starts[torch.randint(len(starts), (args.batch_size,), device=device)]
         rgb = images[idx] if images is not None else None

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -196,6 +197,24 @@ def obs_dims(task: Task | str, obs_mode: str = "state") -> tuple[int, int]:
     if not task.cameras:
         raise TaskError(f"task {task.name} has no cameras: use obs_mode 'state'")
     return 9 * len(task.robots), len(task.cameras)
+
+
+def quaternion_starts(task: Task | str, obs_mode: str = "state") -> tuple[int, ...]:
+    """Where the xyzw quaternions start in this task's state vector (robot<i>_eef_quat, then the object's *_quat
+    features, in OBS_LAYOUT order); () for tasks without any. A policy given these (PolicyConfig.rot_quats) sees
+    each as rotation-matrix columns instead: a quaternion jumps to its negative wherever the sign convention of
+    the recorded rotation flips (mat2quat keeps w >= 0, so a rotation near 180 deg alternates sign step to step)."""
+    task = get_task(task)
+    if task.suite != "robosuite":
+        return ()
+    starts = [9 * i + 3 for i in range(len(task.robots))]      # each robot: eef_pos 3, eef_quat 4, gripper_qpos 2
+    if obs_mode == "state":
+        offset = 9 * len(task.robots)
+        for name, width in task.object_features:
+            if name.endswith("_quat"):
+                starts.append(offset)
+            offset += width
+    return tuple(starts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1126,20 +1145,59 @@ def write_robomimic_hdf5(path: str | os.PathLike, episodes: list[dict], env_args
         if obs_layout is not None:
             data.attrs["obs_layout"] = obs_layout
         for name, ep in zip(names, episodes):
-            g = data.create_group(name)
-            g.attrs["num_samples"] = int(len(ep["actions"]))
-            g.attrs["model_file"] = ep.get("model_file", "")
-            for key in ("actions", "states", "rewards", "dones"):
-                g.create_dataset(key, data=np.asarray(ep[key]))
-            for group_name in ("obs", "next_obs"):
-                for key, value in ep.get(group_name, {}).items():
-                    value = np.asarray(value)
-                    gzip = compress_images and value.dtype == np.uint8 and value.ndim == 4
-                    g.create_dataset(f"{group_name}/{key}", data=value,
-                                     **({"compression": "gzip", "compression_opts": 4} if gzip else {}))
+            _write_demo(data, name, ep, compress_images)
         f.create_dataset("mask/train", data=np.array(names[:len(names) - n_valid], dtype="S"))
         f.create_dataset("mask/valid", data=np.array(names[len(names) - n_valid:], dtype="S"))
     os.replace(tmp, path)
+
+
+def _write_demo(data: h5py.Group, name: str, ep: dict, compress_images: bool) -> None:
+    """One episode as robomimic's data/<name> group (see write_robomimic_hdf5)."""
+    g = data.create_group(name)
+    g.attrs["num_samples"] = int(len(ep["actions"]))
+    g.attrs["model_file"] = ep.get("model_file", "")
+    for key in ("actions", "states", "rewards", "dones"):
+        g.create_dataset(key, data=np.asarray(ep[key]))
+    for group_name in ("obs", "next_obs"):
+        for key, value in ep.get(group_name, {}).items():
+            value = np.asarray(value)
+            gzip = compress_images and value.dtype == np.uint8 and value.ndim == 4
+            g.create_dataset(f"{group_name}/{key}", data=value,
+                             **({"compression": "gzip", "compression_opts": 4} if gzip else {}))
+
+
+def append_robomimic_hdf5(src: str | os.PathLike, dst: str | os.PathLike, episodes: list[dict], mask: str,
+                          base_mask: str = "expert", compress_images: bool = True) -> list[str]:
+    """Copy the robomimic file `src` to `dst` (src == dst: in place) with `episodes` added as demo_<n>, ...
+    (numbered after the last demo), atomically (dst + ".tmp", then os.replace). The new demos are listed in
+    mask/<mask> (extended if it exists); the first time, mask/<base_mask> lists the demos already there, so that
+    `--filter-key <base_mask>` trains without the added ones. data attrs "total" counts every demo's samples.
+    Returns the new demo names."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(dst) + ".tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        with h5py.File(tmp, "a") as f:
+            data = f["data"]
+            old = sorted((n for n in data if n.startswith("demo_")), key=lambda n: int(n.split("_")[1]))
+            first = int(old[-1].split("_")[1]) + 1 if old else 0
+            names = [f"demo_{first + i}" for i in range(len(episodes))]
+            for name, ep in zip(names, episodes):
+                _write_demo(data, name, ep, compress_images)
+            data.attrs["total"] = int(data.attrs.get("total", 0)) + int(sum(len(ep["actions"]) for ep in episodes))
+            masks = f.require_group("mask")
+            if base_mask not in masks:
+                masks.create_dataset(base_mask, data=np.array(old, dtype="S"))
+            listed = [n.decode() if isinstance(n, bytes) else str(n) for n in masks[mask][:]] if mask in masks else []
+            if mask in masks:
+                del masks[mask]
+            masks.create_dataset(mask, data=np.array(listed + names, dtype="S"))
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return names
 
 
 def write_d4rl_hdf5(path, data: dict, metadata: dict):

@@ -226,6 +226,11 @@ def test_defaults_table_per_task_and_preset_reach_the_flags_and_help(capsys):
     assert (a.epochs, a.warmup_epochs, a.lr, a.min_lr_ratio) == (80, 10, 1e-3, 0.1)
     a = pretrain.parse_args(["--task", "square", "--preset", "paper", "--lr", "3e-4"])
     assert (a.epochs, a.lr, a.batch_size) == (2000, 3e-4, 256)              # a typed flag beats the table
+    a = pretrain.parse_args(["--task", "square"])                             # the measured per-task changes
+    assert (a.lr, a.dagger_rounds, a.orientation) == (3e-4, 3, "rot6d")
+    for argv in (["--task", "square", "--obs", "image"], ["--task", "square", "--preset", "paper"], ["--task", "can"]):
+        a = pretrain.parse_args(argv)
+        assert (a.lr, a.dagger_rounds, a.orientation) == (1e-4, 0, "quat"), argv
     a = finetune.parse_args(["--task", "can", "--preset", "paper"])
     assert (a.n_envs, a.n_steps, a.actor_lr, a.critic_lr, a.iterations, a.bc_coef) == (25, 500, 2.5e-6, 4e-4, 301, 0.05)
     a = finetune.parse_args(["--task", "square"])

@@ -452,3 +452,119 @@ def test_kitchen_expert_demo_in_d4rl_layout(tmp_path):
     assert ds.rewards.sum() == 4.0 and np.abs(ds.actions).max() <= 1.0
     with pytest.raises(tasks.TaskError, match="state-only"):
         collect("kitchen-complete", 1, images=True, out=str(tmp_path / "x.hdf5"), workers=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# DAgger: a stateless expert labels the states a learner reaches
+# ----------------------------------------------------------------------------------------------
+def _set_state(env, state):
+    env.sim_env.sim.set_state_from_flattened(state)
+    env.sim_env.sim.forward()
+
+
+def test_square_expert_is_stateless():
+    """A fresh expert with the same episode parameters, put at each recorded state of a noisy episode, gives the
+    clean action recorded there: the action is a function of the sim state and the parameters alone."""
+    from experts import SquareExpert
+    env = tasks.make_env("square", seed=3)
+    env.reset()
+    expert = SquareExpert(env.sim_env, np.random.default_rng(11), noise=0.05)
+    states, clean, phases = [], [], set()
+    for _ in range(260):
+        states.append(env.sim_env.sim.get_state().flatten())
+        action = expert()
+        clean.append(expert.clean)
+        phases.add(expert.phase)
+        env.step(action)
+    assert {"hover", "descend", "close", "lift", "align"} <= phases   # the run went through a grasp and a carry
+    fresh = SquareExpert(env.sim_env, np.random.default_rng(11), noise=0.05)
+    for i in range(0, len(states), 3):
+        _set_state(env, states[i])
+        np.testing.assert_allclose(np.clip(fresh.policy(), -1, 1), clean[i], atol=1e-9, err_msg=f"step {i}")
+    # and the label depends on the state: another state gives another action
+    _set_state(env, states[0])
+    a0 = fresh.policy()
+    _set_state(env, states[150])
+    assert np.abs(fresh.policy() - a0).max() > 0.1
+    env.close()
+
+
+class _ZeroPolicy:
+    """A learner that always outputs a zero chunk (stands in for a checkpoint's policy)."""
+    def __init__(self, task):
+        self.shape = (task.chunk, task.act_dim)
+
+    def act(self, obs):
+        assert obs["state"].shape == (tasks.TASKS["square"].obs_dim,)
+        return np.zeros(self.shape)
+
+
+def test_dagger_episode_labels_learner_states():
+    task = tasks.TASKS["square"]
+    env = tasks.make_env(task, seed=5)
+    from experts import SquareExpert
+    ep, ok = collect_demos.run_dagger_episode(env, task, np.random.default_rng(0), _ZeroPolicy(task), beta=0.0,
+                                              noise=0.05, max_steps=40)
+    assert not ok and len(ep["actions"]) == 40 and ep["dones"][-1] == 1 and ep["states"].shape[0] == 40
+    # the learner drove (zero actions: the arm barely moves) and each label is the expert's clean action there
+    assert np.abs(ep["actions"]).max() > 0.3
+    labeller = SquareExpert(env.sim_env, np.random.default_rng(0), noise=0.05)   # the episode's parameter draws
+    for i in (0, 17, 39):
+        _set_state(env, ep["states"][i])
+        np.testing.assert_allclose(np.clip(labeller.policy(), -1, 1), ep["actions"][i], atol=1e-9)
+    # beta = 1: the expert drives its own noisy actions (a demo with clean labels), so it makes progress
+    ep1, _ = collect_demos.run_dagger_episode(env, task, np.random.default_rng(0), _ZeroPolicy(task), beta=1.0,
+                                              noise=0.05, max_steps=60)
+    eef = ep1["obs"]["robot0_eef_pos"]
+    assert np.linalg.norm(eef[-1] - eef[0]) > 0.05 > np.linalg.norm(ep["obs"]["robot0_eef_pos"][-1] - ep["obs"]["robot0_eef_pos"][0])
+    env.close()
+
+
+def test_append_keeps_demos_and_marks_the_new_ones(lift2, tmp_path):
+    _, src = lift2
+    demos = read_demos(src)
+    ep = {k: v for k, v in demos["demo_1"].items()}
+    ep.update(rewards=np.zeros(len(ep["actions"])), dones=np.zeros(len(ep["actions"]), dtype=np.int64))
+    dst = tmp_path / "agg.hdf5"
+    assert tasks.append_robomimic_hdf5(src, dst, [ep, ep], mask="dagger") == ["demo_2", "demo_3"]
+    assert tasks.append_robomimic_hdf5(dst, dst, [ep], mask="dagger") == ["demo_4"]
+    with h5py.File(dst, "r") as f:
+        assert [n.decode() for n in f["mask/expert"][:]] == ["demo_0", "demo_1"]
+        assert [n.decode() for n in f["mask/dagger"][:]] == ["demo_2", "demo_3", "demo_4"]
+        assert f["data"].attrs["total"] == sum(len(d["actions"]) for d in demos.values()) + 3 * len(ep["actions"])
+        assert f["data"].attrs["obs_layout"] == tasks.OBS_LAYOUT
+    assert not Path(str(dst) + ".tmp").exists()
+    both, only = tasks.load_dataset(dst, "lift"), tasks.load_dataset(dst, "lift", filter_key="expert")
+    assert len(both.episode_lengths) == 5 and len(only.episode_lengths) == 2
+    np.testing.assert_array_equal(only.states, tasks.load_dataset(src, "lift").states)
+    np.testing.assert_allclose(both.actions[-len(ep["actions"]):], ep["actions"], rtol=1e-6)   # stored float64, read float32
+
+
+def test_pretrain_dagger_round_and_resume(tmp_path, capsys):
+    """pretrain.py --dagger-rounds: at the round's step the EMA policy is rolled out, its states labelled and
+    appended (<out>/dagger.hdf5, mask/dagger), training continues on demos + labels; a resumed run keeps them."""
+    import pretrain
+    demos = tmp_path / "square.hdf5"
+    collect("square", 1, out=str(demos), workers=1, seed=0, progress=False)
+    out = tmp_path / "run"
+    common = ["--task", "square", "--dataset", str(demos), "--batch-size", "32", "--hidden-dim", "32", "--warmup", "2",
+              "--eval-episodes", "0", "--log-every", "10", "--save-every", "10", "--out", str(out),
+              "--dagger-rounds", "1", "--dagger-episodes", "1", "--dagger-beta", "0"]
+    pretrain.main(common + ["--steps", "20"])
+    assert "DAgger round 1/1 at step 10" in capsys.readouterr().out
+    ck = torch.load(out / "latest.pt", weights_only=True)
+    assert ck["dagger_rounds_done"] == 1 and ck["step"] == 20
+    assert torch.load(out / "step_10.pt", weights_only=True)["dagger_rounds_done"] == 0   # saved before the round
+    with h5py.File(out / "dagger.hdf5", "r") as f:
+        assert [n.decode() for n in f["mask/expert"][:]] == ["demo_0"] and [n.decode() for n in f["mask/dagger"][:]] == ["demo_1"]
+        labelled = len(f["data/demo_1/actions"])
+    assert labelled == collect_demos.DAGGER_STEPS["square"]              # a 32-unit policy never succeeds
+    pretrain.main(common + ["--steps", "30", "--resume"])
+    assert "DAgger round" not in capsys.readouterr().out                 # the round is not repeated
+    assert torch.load(out / "latest.pt", weights_only=True)["dagger_rounds_done"] == 1
+    # refused in one line where it cannot apply
+    for extra, needle in ((["--task", "lift"], "task lift has no expert that can label any state"),
+                          (["--filter-key", "train"], "--filter-key does not apply")):
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(common[:-4] + ["--dagger-rounds", "1", "--steps", "20", "--out", str(tmp_path / "r2")] + extra)
+        assert needle in str(e.value.code) and str(e.value.code).startswith("error:")

@@ -157,7 +157,8 @@ def test_act_matches_straightforward_computation():
     """act = unnormalize(clamp(z - u(z, 0, 1 | encode(normalize(s))))) exactly, batched or not, numpy or torch
     input, state and image policies; K = 2 is two average-velocity jumps."""
     torch.manual_seed(0)
-    for cfg in (small_cfg(), m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image")):
+    for cfg in (small_cfg(), m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image", rot_quats=(3,)),
+                m.PolicyConfig(state_dim=23, act_dim=7, chunk=4, rot_quats=(3, 12, 19), cond_mlp_dims=(16, 8), hidden_dim=32)):
         p = m.make_policy(cfg).eval()
         sd, da = cfg.state_dim, cfg.act_dim
         p.set_normalization(-np.arange(1, sd + 1), np.arange(1, sd + 1) * 2.0, -np.ones(da) * 3, np.ones(da) * 0.5)
@@ -233,7 +234,8 @@ def test_captured_act_matches_eager_act():
     """compile_act (CPU: torch.jit.trace + freeze) gives the eager act's actions for the same noise, takes the same
     inputs, and refuses another batch size or K."""
     torch.manual_seed(0)
-    for cfg in (small_cfg(), m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image")):
+    for cfg in (small_cfg(), m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image", rot_quats=(3,)),
+                m.PolicyConfig(state_dim=23, act_dim=7, chunk=4, rot_quats=(3, 12, 19), cond_mlp_dims=(16, 8), hidden_dim=32)):
         p = m.make_policy(cfg).eval()
         p.set_normalization(-np.ones(cfg.state_dim), np.ones(cfg.state_dim) * 3, -np.ones(cfg.act_dim), np.ones(cfg.act_dim) * 2)
         rng = np.random.default_rng(1)

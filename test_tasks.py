@@ -802,3 +802,50 @@ def test_setup_rendering(monkeypatch):
     assert "\n" not in str(e.value)
     monkeypatch.setenv("MUJOCO_GL", "osmesa")  # an explicit choice is respected as is
     assert tasks.setup_rendering() == "osmesa"
+
+
+def test_orientation_features_are_continuous_through_a_full_yaw_turn():
+    """Sweep the square nut's yaw through 360 deg with the hand held over it: the recorded quaternions jump to their
+    negatives (mat2quat's sign convention), the policy's rotation features (PolicyConfig.rot_quats =
+    tasks.quaternion_starts) do not, and they are the same whichever sign the recording picked."""
+    import torch
+    from scipy.spatial.transform import Rotation
+
+    import models
+    task = TASKS["square"]
+    starts = tasks.quaternion_starts(task)
+    assert starts == (3, 12, 19)           # robot0_eef_quat; SquareNut_quat, SquareNut_to_robot0_eef_quat
+    assert tasks.quaternion_starts(task, "image") == (3,) and tasks.quaternion_starts("transport") == (3, 12, 21, 28, 35)
+    assert tasks.quaternion_starts("hopper") == ()
+    env = make_env(task, seed=0)
+    env.reset()
+    sim = env.sim_env.sim
+    joint = sim.model.get_joint_qpos_addr("SquareNut_joint0")[0]
+    states = []
+    for yaw in np.linspace(0, 2 * np.pi, 721):
+        sim.data.qpos[joint + 3:joint + 7] = Rotation.from_euler("z", yaw).as_quat()[[3, 0, 1, 2]]   # wxyz
+        sim.forward()
+        states.append(np.concatenate([np.concatenate(list(env.layout_obs().values()))]))
+    env.close()
+    s = torch.as_tensor(np.array(states), dtype=torch.float32)
+    assert s.shape == (721, task.obs_dim)
+    raw_jump = (s[1:] - s[:-1]).abs().max(0).values
+    assert raw_jump[12:16].max() > 1.0 or raw_jump[19:23].max() > 1.0      # the quaternions flip sign somewhere
+    cfg = models.PolicyConfig(state_dim=task.obs_dim, act_dim=7, chunk=4, rot_quats=starts, cond_mlp_dims=(8,), hidden_dim=8)
+    assert cfg.feature_dim == task.obs_dim + 6
+    policy = models.make_policy(cfg)
+    feats = policy.normalize_state(s)
+    assert feats.shape == (721, cfg.feature_dim)
+    # a 0.5 deg step moves a rotation-matrix entry by at most ~0.0087; nothing else in the state moves
+    assert (feats[1:] - feats[:-1]).abs().max() < 0.01
+    flipped = s.clone()
+    for i in starts:
+        flipped[:, i:i + 4] *= -1
+    torch.testing.assert_close(policy.normalize_state(flipped), feats)
+    # the features are the rotation matrix's first two columns
+    q = s[:, 12:16].double().numpy()
+    np.testing.assert_allclose(feats[:, -12:-6].numpy(), Rotation.from_quat(q).as_matrix()[:, :, :2].transpose(0, 2, 1).reshape(-1, 6), atol=1e-5)
+    with pytest.raises(ValueError, match="rot_quats"):
+        models.PolicyConfig(state_dim=23, act_dim=7, chunk=4, rot_quats=(3, 5))     # overlapping blocks
+    with pytest.raises(ValueError, match="rot_quats"):
+        models.PolicyConfig(state_dim=23, act_dim=7, chunk=4, rot_quats=(20,))      # past the end
