@@ -71,7 +71,7 @@ PAPER_TASK_EPOCHS = {"walker2d": (80, 10), "kitchen-partial": (5000, 100), "kitc
 # state to the encoder as rotation-matrix columns (models.quat_to_rot6d) instead of as recorded ("quat"): square's
 # nut-to-hand quaternion is a rotation of ~180 deg (hand down, nut up), where the recorded sign alternates from step
 # to step; and a 3x higher learning rate.
-CPU_STATE_TASK = {"square": dict(lr=3e-4, dagger_rounds=3, orientation="rot6d")}
+CPU_STATE_TASK = {"square": dict(lr=3e-4, dagger_rounds=5, orientation="rot6d")}
 
 
 def family(task, obs):

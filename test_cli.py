@@ -227,7 +227,7 @@ def test_defaults_table_per_task_and_preset_reach_the_flags_and_help(capsys):
     a = pretrain.parse_args(["--task", "square", "--preset", "paper", "--lr", "3e-4"])
     assert (a.epochs, a.lr, a.batch_size) == (2000, 3e-4, 256)              # a typed flag beats the table
     a = pretrain.parse_args(["--task", "square"])                             # the measured per-task changes
-    assert (a.lr, a.dagger_rounds, a.orientation) == (3e-4, 3, "rot6d")
+    assert (a.lr, a.dagger_rounds, a.orientation) == (3e-4, 5, "rot6d")
     for argv in (["--task", "square", "--obs", "image"], ["--task", "square", "--preset", "paper"], ["--task", "can"]):
         a = pretrain.parse_args(argv)
         assert (a.lr, a.dagger_rounds, a.orientation) == (1e-4, 0, "quat"), argv
