@@ -103,16 +103,16 @@ def run_arm_episode(env, task, rng, noise: float, images: bool, max_steps: int):
             break
         if truncated or (terminated and not ok) or expert.phase == "give_up":
             break
+    return _pack_episode(ep, obs_seq, model_file), success_at is not None
+
+
+def _pack_episode(ep: dict, obs_seq: list, model_file: str) -> dict:
+    """Per-step lists (actions, states, rewards, dones; one obs dict per step) -> the arrays of one robomimic demo;
+    the last step is marked done."""
     ep["dones"][-1] = 1
-    out = {
-        "actions": np.asarray(ep["actions"], dtype=np.float64),
-        "states": np.asarray(ep["states"], dtype=np.float64),
-        "rewards": np.asarray(ep["rewards"], dtype=np.float64),
-        "dones": np.asarray(ep["dones"], dtype=np.int64),
-        "obs": {k: np.stack([o[k] for o in obs_seq]) for k in obs_seq[0]},
-        "model_file": model_file,
-    }
-    return out, success_at is not None
+    return {"actions": np.asarray(ep["actions"], dtype=np.float64), "states": np.asarray(ep["states"], dtype=np.float64),
+            "rewards": np.asarray(ep["rewards"], dtype=np.float64), "dones": np.asarray(ep["dones"], dtype=np.int64),
+            "obs": {k: np.stack([o[k] for o in obs_seq]) for k in obs_seq[0]}, "model_file": model_file}
 
 
 def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: int):
@@ -254,6 +254,11 @@ def _run_workers(jobs, handle, target=None, start="fork"):
                 p.join()
 
 
+def _shares(episodes: int, workers: int) -> list[int]:
+    """Episodes per worker: as equal as possible, the first workers taking the remainder."""
+    return [episodes // workers + (w < episodes % workers) for w in range(workers)]
+
+
 def _bookkeeping(w, kind, payload, stats, what) -> bool:
     """The messages every worker sends besides its episodes: "error" raises with the worker's traceback, "done"
     stores its counts in stats[w]. True when the message was one of those."""
@@ -301,8 +306,8 @@ def run_dagger_episode(env, task, rng, policy, beta: float, noise: float, max_st
     expert = EXPERTS[task.name](sim_env, rng, noise)
     post_success = int(rng.integers(2, 6))
     ep = {k: [] for k in ("actions", "states", "rewards", "dones")}
-    obs_seq, success_at, t = [], None, 0
-    while t < max_steps and (success_at is None or t <= success_at + post_success):
+    obs_seq, success_at, t, over = [], None, 0, False
+    while not over:
         chunk = None if rng.random() < beta else policy.act(obs)
         for k in range(task.chunk):
             obs_seq.append(_robomimic_obs(env, task, False))
@@ -315,13 +320,10 @@ def run_dagger_episode(env, task, rng, policy, beta: float, noise: float, max_st
             t += 1
             if info["success"] and success_at is None:
                 success_at = t
-            if truncated or t >= max_steps or (success_at is not None and t > success_at + post_success):
+            over = truncated or t >= max_steps or (success_at is not None and t > success_at + post_success)
+            if over:
                 break
-    ep["dones"][-1] = 1
-    return {"actions": np.asarray(ep["actions"], dtype=np.float64), "states": np.asarray(ep["states"], dtype=np.float64),
-            "rewards": np.asarray(ep["rewards"], dtype=np.float64), "dones": np.asarray(ep["dones"], dtype=np.int64),
-            "obs": {k: np.stack([o[k] for o in obs_seq]) for k in obs_seq[0]},
-            "model_file": sim_env.sim.model.get_xml()}, success_at is not None
+    return _pack_episode(ep, obs_seq, sim_env.sim.model.get_xml()), success_at is not None
 
 
 def _dagger_worker(task_name, ckpt, quota, seed, beta, noise, max_steps, emit):
@@ -340,10 +342,14 @@ def _dagger_worker(task_name, ckpt, quota, seed, beta, noise, max_steps, emit):
         for _ in range(quota):
             ep, ok = run_dagger_episode(env, task, rng, policy, beta, noise, max_steps)
             successes += ok
-            ep["success"] = ok
             emit("episode", ep)
     env.close()
     emit("done", {"attempts": quota, "successes": successes})
+
+
+def can_label(task_name: str) -> bool:
+    """Whether the task's expert is stateless, i.e. can label any state a policy reaches (what DAgger needs)."""
+    return getattr(EXPERTS.get(task_name), "stateless", False)
 
 
 DAGGER_STEPS = {"square": 300}  # DAgger episode cap: the demos take 140-300 steps; a policy stuck longer adds
@@ -361,14 +367,14 @@ def dagger(task_name, ckpt, src, out, episodes=50, beta=0.5, workers=2, seed=10_
     that never grasps only visits the approach, and the expert's chunks carry it on to the later phases, where the
     policy's own chunks then drift and get labelled. Returns a summary dict."""
     task = tasks.get_task(task_name)
-    if task.name not in EXPERTS or not getattr(EXPERTS[task.name], "stateless", False):
-        have = sorted(n for n, e in EXPERTS.items() if getattr(e, "stateless", False))
+    if not can_label(task.name):
+        have = sorted(n for n in EXPERTS if can_label(n))
         raise tasks.TaskError(f"DAgger needs an expert that can label any state; task {task.name} has none "
                               f"(stateless experts: {', '.join(have)})")
     if not Path(src).is_file():
         raise tasks.TaskError(f"DAgger source dataset {src} does not exist")
     workers = max(1, min(int(workers), episodes))
-    quotas = [episodes // workers + (w < episodes % workers) for w in range(workers)]
+    quotas = _shares(episodes, workers)
     kept = [[] for _ in range(workers)]
     stats = [None] * workers
     t0 = time.time()
@@ -387,8 +393,7 @@ def dagger(task_name, ckpt, src, out, episodes=50, beta=0.5, workers=2, seed=10_
     finally:
         bar.close()
     eps = [ep for w in range(workers) for ep in kept[w]]
-    names = tasks.append_robomimic_hdf5(src, out, [{k: v for k, v in ep.items() if k != "success"} for ep in eps],
-                                        mask="dagger", base_mask="expert")
+    names = tasks.append_robomimic_hdf5(src, out, eps, mask="dagger", base_mask="expert")
     successes = sum(s["successes"] for s in stats)
     return {"task": task.name, "ckpt": str(ckpt), "out": str(out), "episodes": len(eps), "beta": beta,
             "learner_success_rate": successes / max(len(eps), 1), "samples": int(sum(len(ep["actions"]) for ep in eps)),
@@ -437,7 +442,7 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
     out = out or str(tasks.default_dataset_path(task, "image" if images else "state"))
     workers = max(1, min(int(workers), episodes))
     max_attempts = max_attempts or 2 * episodes + 20
-    quotas = [episodes // workers + (w < episodes % workers) for w in range(workers)]
+    quotas = _shares(episodes, workers)
     caps = [max(1, round(max_attempts * q / episodes)) for q in quotas]
     t0 = time.time()
 
@@ -533,8 +538,7 @@ def check_data(path, task_name: str | None = None, demos: int = 3, tol: float = 
     except OSError as e:
         raise tasks.TaskError(f"{path}: not a readable hdf5 file ({str(e).splitlines()[0][:120]})")
     with f:
-        names = sorted((n for n in f["data"] if n.startswith("demo_")), key=lambda n: int(n.split("_")[1])) \
-            if "data" in f else []
+        names = tasks.demo_names(f["data"]) if "data" in f else []
         if not names:
             raise tasks.TaskError(f"{path}: not a robomimic file (no data/demo_*)")
         env_name = None

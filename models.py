@@ -95,10 +95,9 @@ class PolicyConfig:
             raise ValueError(f"disp_temp must be a finite number > 0, got {self.disp_temp!r}")
         self.cond_mlp_dims = tuple(self.cond_mlp_dims)
         self.rot_quats = tuple(self.rot_quats)
-        ends = [-1] + sorted(self.rot_quats)
-        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in self.rot_quats) or \
-                any(b < a + 4 and a >= 0 for a, b in zip(ends[1:], ends[2:])) or \
-                (self.rot_quats and (min(self.rot_quats) < 0 or max(self.rot_quats) > self.state_dim - 4)):
+        starts = sorted(i for i in self.rot_quats if isinstance(i, numbers.Integral) and not isinstance(i, bool))
+        if len(starts) != len(self.rot_quats) or any(b < a + 4 for a, b in zip(starts, starts[1:])) or \
+                (starts and (starts[0] < 0 or starts[-1] > self.state_dim - 4)):
             raise ValueError(f"rot_quats must be start indices of non-overlapping 4-D blocks of the {self.state_dim}-D "
                              f"state, got {self.rot_quats!r}")
 

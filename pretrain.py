@@ -190,8 +190,7 @@ def find_dataset(args, task):
 def check_dagger(args, task):
     """DAgger rounds need a robosuite task whose expert can label any state, state observations and the whole dataset."""
     import collect_demos   # the data maker also makes the DAgger rounds' labels
-    expert = collect_demos.EXPERTS.get(task.name)
-    if not getattr(expert, "stateless", False):
+    if not collect_demos.can_label(task.name):
         raise ValueError(f"--dagger-rounds {args.dagger_rounds}: task {task.name} has no expert that can label any "
                          f"state; pass --dagger-rounds 0")
     if args.obs != "state":

@@ -943,15 +943,25 @@ def _read_dppo_npz(path: Path, obs_mode: str) -> Dataset:
     return Dataset(states, actions, lengths, images, rewards)
 
 
+def demo_names(data: h5py.Group) -> list[str]:
+    """The demo_<i> groups of a robomimic file's data/ group, in numeric order (demo_10 after demo_9)."""
+    return sorted((n for n in data if n.startswith("demo_")), key=lambda n: int(n.split("_")[1]))
+
+
+def mask_names(mask: h5py.Dataset) -> list[str]:
+    """The demo names a robomimic filter key (mask/<key>) lists, as str (stored as bytes)."""
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in mask[:]]
+
+
 def _read_robomimic(f: h5py.File, path: Path, task: Task, obs_mode: str, filter_key: str | None) -> Dataset:
     data = f["data"]
     if filter_key is not None:
         if "mask" not in f or filter_key not in f["mask"]:
             found = ", ".join(f["mask"].keys()) if "mask" in f else "no mask group"
             raise TaskError(f"{path}: no filter key mask/{filter_key} (found: {found})")
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["mask"][filter_key][:]]
+        names = mask_names(f["mask"][filter_key])
     else:
-        names = sorted((n for n in data if n.startswith("demo_")), key=lambda n: int(n.split("_")[1]))
+        names = demo_names(data)
     if not names:
         raise TaskError(f"{path}: no demos under data/")
     keys = list(task.proprio_keys)
@@ -1180,7 +1190,7 @@ def append_robomimic_hdf5(src: str | os.PathLike, dst: str | os.PathLike, episod
         shutil.copyfile(src, tmp)
         with h5py.File(tmp, "a") as f:
             data = f["data"]
-            old = sorted((n for n in data if n.startswith("demo_")), key=lambda n: int(n.split("_")[1]))
+            old = demo_names(data)
             first = int(old[-1].split("_")[1]) + 1 if old else 0
             names = [f"demo_{first + i}" for i in range(len(episodes))]
             for name, ep in zip(names, episodes):
@@ -1189,8 +1199,9 @@ def append_robomimic_hdf5(src: str | os.PathLike, dst: str | os.PathLike, episod
             masks = f.require_group("mask")
             if base_mask not in masks:
                 masks.create_dataset(base_mask, data=np.array(old, dtype="S"))
-            listed = [n.decode() if isinstance(n, bytes) else str(n) for n in masks[mask][:]] if mask in masks else []
+            listed = []
             if mask in masks:
+                listed = mask_names(masks[mask])
                 del masks[mask]
             masks.create_dataset(mask, data=np.array(listed + names, dtype="S"))
         os.replace(tmp, dst)
