@@ -145,9 +145,9 @@ def example_obs(policy, seed=0):
     """One observation in environment units, batch of one, the way the env loop hands it to `act`."""
     rng = np.random.default_rng(seed)
     cfg = policy.cfg
-    obs = {"state": rng.uniform(-1, 1, (1, cfg.state_dim)).astype(np.float32)}
+    obs = {"state": rng.uniform(-1, 1, (1, cfg.obs_width)).astype(np.float32)}
     if cfg.obs_mode == "image":
-        obs["rgb"] = rng.integers(0, 256, (1, 3 * cfg.n_cameras, cfg.img_size, cfg.img_size), dtype=np.uint8)
+        obs["rgb"] = rng.integers(0, 256, (1, 3 * cfg.n_cameras * cfg.obs_steps, cfg.img_size, cfg.img_size), dtype=np.uint8)
     return obs
 
 
@@ -424,11 +424,11 @@ def train_rows(name, policy, device, args):
     cfg = policy.cfg
     batch = args.image_batch if cfg.obs_mode == "image" else args.train_batch
     g = torch.Generator().manual_seed(args.seed)
-    state = (torch.rand(batch, cfg.state_dim, generator=g) * 2 - 1).to(device)
+    state = (torch.rand(batch, cfg.input_dim, generator=g) * 2 - 1).to(device)   # normalized: the encoder's input
     action = (torch.rand(batch, cfg.chunk, cfg.act_dim, generator=g) * 2 - 1).to(device)
     rgb = None
     if cfg.obs_mode == "image":
-        rgb = torch.randint(0, 256, (batch, 3 * cfg.n_cameras, cfg.img_size, cfg.img_size),
+        rgb = torch.randint(0, 256, (batch, 3 * cfg.n_cameras * cfg.obs_steps, cfg.img_size, cfg.img_size),
                             generator=g, dtype=torch.uint8).to(device)
     rows = []
     for loss, alpha, label in (("flow", 0.0, "flow matching"), ("meanflow", 0.0, "meanflow (JVP)"),

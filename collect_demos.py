@@ -301,7 +301,8 @@ def run_dagger_episode(env, task, rng, policy, beta: float, noise: float, max_st
     be stateless (its action a function of the sim state and its episode parameters), so that the label at a state
     the learner reached is what the expert would do there. Failed episodes are kept: their states are the ones the
     demonstrations lack. Returns (episode dict in the demos' layout, success)."""
-    obs = env.reset()
+    hist = tasks.ObsHistory(policy.cfg.obs_steps)      # the policy's observation history, pushed every step
+    obs = hist.reset(env.reset())
     sim_env = env.sim_env
     expert = EXPERTS[task.name](sim_env, rng, noise)
     post_success = int(rng.integers(2, 6))
@@ -314,6 +315,7 @@ def run_dagger_episode(env, task, rng, policy, beta: float, noise: float, max_st
             ep["states"].append(sim_env.sim.get_state().flatten())
             executed = expert()                    # also sets expert.clean, the label
             obs, reward, _, truncated, info = env.step(executed if chunk is None else chunk[k])
+            obs = hist.push(obs)
             ep["actions"].append(expert.clean)
             ep["rewards"].append(float(reward))
             ep["dones"].append(int(info["success"]))

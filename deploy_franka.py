@@ -504,6 +504,7 @@ def run_loop(policy, backend, limits, scales, hz, steps, log_path, watchdog_peri
     period = 1.0 / hz
     act_steps = act_steps or policy.cfg.chunk
     queue, chunk_t = deque(), None
+    hist = tasks.ObsHistory(policy.cfg.obs_steps)   # every period's reading, also while a chunk plays out
     stats = {"loop_ms": [], "infer_ms": [], "send_ms": [], "e2e_ms": [], "misses": 0, "clamped": 0}
     watchdog = Watchdog(watchdog_periods * period, backend.stop)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
@@ -519,10 +520,11 @@ def run_loop(policy, backend, limits, scales, hz, steps, log_path, watchdog_peri
             sleep_until(next_t)
             start = time.perf_counter()
             r = backend.read_state()
+            obs = hist.push(r.obs)
             infer_ms = float("nan")
             if not queue:
                 t_inf = time.perf_counter()
-                chunk = policy.act(r.obs, steps=inference_steps)
+                chunk = policy.act(obs, steps=inference_steps)
                 infer_ms = (time.perf_counter() - t_inf) * 1e3
                 queue.extend(np.asarray(chunk)[:act_steps])
                 chunk_t = r.t
@@ -693,7 +695,7 @@ def main(argv=None):
     try:
         backend = make_backend(args, task, obs_mode)
         for _ in range(3):  # the first calls allocate; keep that out of the first control period
-            policy.act(backend.read_state().obs, steps=args.inference_steps)
+            policy.act(tasks.ObsHistory(policy.cfg.obs_steps).reset(backend.read_state().obs), steps=args.inference_steps)
         gc.collect()
         gc.freeze()  # objects from start-up stop being scanned by later collections (shorter GC pauses)
         print(f"{task.name} ({obs_mode}) on {args.backend} at {args.hz:g} Hz, chunk {policy.cfg.chunk}, "

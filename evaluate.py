@@ -70,7 +70,8 @@ def evaluate_policy(policy, task, obs_mode, episodes=100, steps_list=(1,), n_env
     if act_steps is not None and not 1 <= act_steps <= task.chunk:
         raise ValueError(f"--act-steps {act_steps}: expected 1..{task.chunk} (the chunk length of {task.name})")
     n_envs = max(1, min(n_envs, episodes))
-    env = tasks.ChunkVecEnv(task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps, workers)
+    env = tasks.ChunkVecEnv(task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps, workers,
+                            obs_steps=policy.cfg.obs_steps)
     was_training = policy.training
     policy.eval()
     rows = []
@@ -108,14 +109,16 @@ def record_video(policy, task, obs_mode, path, episodes=2, steps=1, seed=100_000
     env = tasks.make_env(task, obs_mode, seed, terminate_on_success=True, render_video=True,
                          max_episode_steps=max_episode_steps)
     frames = []
+    hist = tasks.ObsHistory(policy.cfg.obs_steps)
     torch.manual_seed(seed)
     policy.eval()
     try:
         for ep in range(episodes):
-            obs, done = env.reset(seed + ep), False
+            obs, done = hist.reset(env.reset(seed + ep)), False
             while not done:
                 for action in policy.act(obs, steps=steps)[:act_steps]:
                     obs, _, term, trunc, _ = env.step(action)
+                    obs = hist.push(obs)
                     frames.append(env.render())
                     done = term or trunc
                     if done:
@@ -131,7 +134,7 @@ def embedding_report(policy, task, path, size=1024):
     """Collapse statistics (models.embedding_stats) of the policy's observation embeddings on a fixed sample of a
     dataset's observations (a held-out file shows how the encoder treats observations it never trained on)."""
     data = tasks.load_dataset(path, task, policy.cfg.obs_mode)
-    states, images = data.probe(size)
+    states, images = data.probe(size, obs_steps=policy.cfg.obs_steps)
     dev = policy.state_min.device
     stats = policy.embedding_stats(policy.normalize_state(torch.as_tensor(states, dtype=torch.float32, device=dev)),
                                    None if images is None else torch.as_tensor(images, device=dev))

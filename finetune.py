@@ -14,6 +14,10 @@ has an exact log-probability and PPO can train it. K = 1 (the one-step policy of
 Loop (read top to bottom in `main`): load checkpoint -> actor (trained), frozen reference copy (BC), noise net,
 critic -> [rollout n_steps chunks in n_envs envs -> running reward scaling -> GAE over chunk steps -> PPO epochs
 (clipped surrogate + entropy + value + BC-to-pretrained) with KL early stop] x iterations -> CSV, checkpoint, eval.
+Besides losses and success, log.csv carries the checks of the update itself: ratio_dev_first (the PPO ratio on the
+iteration's first minibatch, 1 up to round-off), approx_kl split into mean and std parts, clipfrac, explained_var,
+adv_success / adv_failure (mean advantage of the chunks of episodes that succeeded / failed) and grad_cos_halves
+(agreement of the policy gradients of the two env halves: near 0 means the iteration's update is mostly noise).
 The fine-tuned actor is saved as an ordinary MeanFlowPolicy ("model"/"ema"), so evaluate.py --ckpt reads it as is;
 the noise net, critic, frozen pretrained weights, optimizers and reward statistics ride along for --resume.
 
@@ -332,6 +336,35 @@ def compute_gae(rewards, values, dones, boot, next_value, gamma, lam):
     return adv
 
 
+def mark_episode_chunks(outcome, ep_start, step, episodes):
+    """Rollout bookkeeping for the advantage-sign check: the chunks t in [ep_start[env], step] of each episode that
+    ended at chunk `step` get +1 (it succeeded) or -1 (it failed) in outcome (T, N); ep_start moves past them.
+    Episodes still running at the end of the rollout stay 0 (their outcome is unknown)."""
+    for ep in episodes:
+        i = ep["env"]
+        outcome[ep_start[i]:step + 1, i] = 1.0 if ep["success"] else -1.0
+        ep_start[i] = step + 1
+
+
+def half_gradient_cosine(actor, noise_net, state, rgb, chain, adv, env, n_envs, k, dims, logprob_clip):
+    """Cosine between two independent estimates of the policy gradient, grad of mean(A * log pi) (advantages
+    standardized within each), from the rollout's envs split in two halves. Near 1: the iteration's samples agree on
+    a direction; near 0: the update is mostly noise. With n samples per estimate and a per-sample signal-to-noise
+    ratio r, the cosine is about n r^2 / (1 + n r^2), so it tells how many samples a reliable direction would need."""
+    if n_envs < 2:
+        return float("nan")
+    params = [p for p in list(actor.parameters()) + list(noise_net.parameters()) if p.requires_grad]
+    grads = []
+    for half in (env < n_envs // 2, env >= n_envs // 2):
+        a = adv[half]
+        a = (a - a.mean()) / (a.std(correction=0) + 1e-8)
+        cond = actor.encode(state[half], None if rgb is None else rgb[half])
+        lp = normalize_log_prob(chain_log_prob(actor, noise_net, cond, chain[half])[0], k, dims, logprob_clip)
+        g = torch.autograd.grad((a * lp).mean(), params, allow_unused=True)
+        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]))
+    return float(F.cosine_similarity(grads[0], grads[1], dim=0))
+
+
 # ----------------------------------------------------------------------------- critic
 
 class Critic(nn.Module):
@@ -343,7 +376,7 @@ class Critic(nn.Module):
         super().__init__()
         image = cfg.obs_mode == "image"
         self.encoder = models.ImageEncoder(dataclasses.replace(cfg, augment=False, spatial_dropout=0.0)) if image else None
-        self.net = models.ResidualMLP(self.encoder.out_dim if image else cfg.feature_dim, hidden, 1, n_blocks=1)
+        self.net = models.ResidualMLP(self.encoder.out_dim if image else cfg.input_dim, hidden, 1, n_blocks=1)
 
     def forward(self, state_n, rgb=None):
         x = self.encoder(state_n, rgb) if self.encoder is not None else state_n
@@ -353,7 +386,8 @@ class Critic(nn.Module):
 CSV_COLS = ["iteration", "env_steps", "wall_s", "episodes", "success_rate", "return_mean", "length_mean",
             "policy_loss", "value_loss", "entropy", "bc_loss", "bc_coef", "approx_kl", "approx_kl_mean", "approx_kl_std",
             "clipfrac", "std_mean",
-            "explained_var", "ratio_dev_first", "actor_lr", "critic_lr", "grad_steps", "kl_stop", "rollout_s", "update_s",
+            "explained_var", "adv_success", "adv_failure", "grad_cos_halves", "ratio_dev_first", "actor_lr", "critic_lr",
+            "grad_steps", "kl_stop", "rollout_s", "update_s",
             "env_steps_per_s", "eval_episodes", "eval_success_rate", "eval_ci_low", "eval_ci_high",
             "eval_return_mean", "eval_length_mean"]
 
@@ -481,7 +515,7 @@ def main(argv=None):
 
     # --- environments (training seeds differ from the evaluation seeds; a resumed run gets fresh ones) ------------
     envs = tasks.ChunkVecEnv(task, obs_mode, args.n_envs, args.seed + 10_000 * itr, args.terminate_on_success,
-                             args.max_episode_steps, args.env_workers, args.dense_reward)
+                             args.max_episode_steps, args.env_workers, args.dense_reward, actor.cfg.obs_steps)
     obs = envs.reset()
     T, N = args.n_steps, args.n_envs
 
@@ -490,7 +524,7 @@ def main(argv=None):
         return s, (torch.as_tensor(o["rgb"], device=device) if image else None)
 
     # --- rollout buffers, allocated once: every slot is overwritten each iteration (b_boot is re-zeroed) ----------
-    b_state = torch.zeros(T, N, actor.cfg.feature_dim, device=device)   # normalized: the encoder's input
+    b_state = torch.zeros(T, N, actor.cfg.input_dim, device=device)   # normalized: the encoder's input
     b_rgb = torch.zeros(T, N, *obs["rgb"].shape[1:], dtype=torch.uint8, device=device) if image else None
     b_chain = torch.zeros(T, N, K + 1, task.chunk, task.act_dim, device=device)
     b_logp = torch.zeros(T, N, device=device)
@@ -500,6 +534,7 @@ def main(argv=None):
     b_boot = torch.zeros(T, N, device=device)      # V(final obs) of truncated episodes, 0 for terminations
     b_mu = torch.zeros(T, N, K, task.chunk, task.act_dim, device=device)    # the acting chain's transition means
     b_std = torch.zeros(T, N, K, task.chunk, task.act_dim, device=device)   # and stds (for the KL split)
+    b_outcome = torch.zeros(T, N, device=device)   # +1 / -1: chunk of an episode that succeeded / failed, 0: unknown
 
     bar = tqdm(total=args.iterations, initial=itr, desc=f"finetune {task.name}", dynamic_ncols=True)
     while itr < args.iterations:
@@ -507,6 +542,8 @@ def main(argv=None):
         t_start, steps_before = time.time(), env_steps
         # ===================== rollout: T chunks in N envs with the noisy chain =====================
         b_boot.zero_()
+        b_outcome.zero_()
+        ep_start = np.zeros(N, dtype=np.int64)
         episodes, stds = [], []
         for step in range(T):
             state_n, rgb = to_tensors(obs)
@@ -524,6 +561,7 @@ def main(argv=None):
             obs, reward, done, info = envs.step(action)
             env_steps += int(info["steps"].sum())
             episodes += info["episodes"]
+            mark_episode_chunks(b_outcome, ep_start, step, info["episodes"])
             if args.reward_scaling:
                 reward = scaler(reward, done)
             b_reward[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
@@ -570,6 +608,9 @@ def main(argv=None):
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "bc_loss", "approx_kl", "approx_kl_mean",
                                  "approx_kl_std", "clipfrac")}
         grad_steps, kl_stop, ratio_dev_first = 0, False, None
+        grad_cos = (half_gradient_cosine(actor, noise_net, f_state, f_rgb, f_chain, f_adv,
+                                         torch.arange(B, device=device) % N, N, K, dims, args.logprob_clip)
+                    if train_actor else None)
         t_update = time.time()
         for epoch in range(args.update_epochs):
             perm = torch.randperm(B, device=device)
@@ -638,14 +679,17 @@ def main(argv=None):
         with torch.no_grad():
             var_y = f_ret.var()
             explained_var = float(1 - (f_ret - f_value).var() / var_y) if var_y > 0 else float("nan")
+            # the advantage sign check: chunks of successful episodes should average a positive advantage
+            adv_outcome = {f"adv_{name}": float(adv[b_outcome == sign].mean())
+                           for name, sign in (("success", 1.0), ("failure", -1.0)) if (b_outcome == sign).any()}
         row = {"iteration": itr, "env_steps": env_steps, "wall_s": round(wall, 1), "episodes": len(episodes),
                "bc_coef": bc_coef, "std_mean": float(np.mean(stds)), "explained_var": explained_var,
                "actor_lr": args.actor_lr if train_actor else 0.0, "critic_lr": critic_lr, "grad_steps": grad_steps,
                "kl_stop": int(kl_stop), "rollout_s": round(rollout_s, 2), "update_s": round(update_s, 2),
                "env_steps_per_s": round((env_steps - steps_before) / max(time.time() - t_start, 1e-9), 1)}
-        row.update({k: float(np.mean(v)) for k, v in stats.items() if v})
+        row.update({k: float(np.mean(v)) for k, v in stats.items() if v}, **adv_outcome)
         if ratio_dev_first is not None:
-            row["ratio_dev_first"] = ratio_dev_first
+            row.update(ratio_dev_first=ratio_dev_first, grad_cos_halves=grad_cos)
         if episodes:
             row.update(success_rate=float(np.mean([e["success"] for e in episodes])),
                        return_mean=float(np.mean([e["return"] for e in episodes])),

@@ -76,6 +76,9 @@ class PolicyConfig:
     # where xyzw quaternions start in the state (tasks.quaternion_starts): the encoder sees each as the first two
     # columns of its rotation matrix instead of the normalized quaternion (quat_to_rot6d); () = the state as it is
     rot_quats: tuple = ()
+    # observation history: the policy conditions on the last obs_steps observations (oldest first), their states
+    # concatenated (obs_steps * state_dim) and, in image mode, their frames stacked along channels; 1 = DMPO's configs
+    obs_steps: int = 1
 
     def __post_init__(self):
         if self.obs_mode not in ("state", "image"):
@@ -93,6 +96,8 @@ class PolicyConfig:
             raise ValueError(f"alpha_disp must be a finite number >= 0, got {self.alpha_disp!r}")
         if not (_real(self.disp_temp) and math.isfinite(self.disp_temp) and self.disp_temp > 0):
             raise ValueError(f"disp_temp must be a finite number > 0, got {self.disp_temp!r}")
+        if isinstance(self.obs_steps, bool) or not isinstance(self.obs_steps, numbers.Integral) or self.obs_steps < 1:
+            raise ValueError(f"obs_steps must be an integer >= 1, got {self.obs_steps!r}")
         self.cond_mlp_dims = tuple(self.cond_mlp_dims)
         self.rot_quats = tuple(self.rot_quats)
         starts = sorted(i for i in self.rot_quats if isinstance(i, numbers.Integral) and not isinstance(i, bool))
@@ -105,6 +110,16 @@ class PolicyConfig:
     def feature_dim(self) -> int:
         """Width of the normalized state the encoder takes: each quaternion in rot_quats becomes 6 numbers."""
         return self.state_dim + 2 * len(self.rot_quats)
+
+    @property
+    def obs_width(self) -> int:
+        """Width of the raw state `act` takes: obs_steps states of state_dim, oldest first."""
+        return self.obs_steps * self.state_dim
+
+    @property
+    def input_dim(self) -> int:
+        """Width of the encoder's state input: obs_steps normalized states of feature_dim."""
+        return self.obs_steps * self.feature_dim
 
     @classmethod
     def from_dict(cls, d):
@@ -247,11 +262,11 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
         self.augment = cfg.augment
-        self.vit = LightViT(3 * cfg.n_cameras, cfg.vit_dim, cfg.vit_heads, cfg.vit_depth, cfg.img_size)
-        self.spatial = SpatialEmb(self.vit.n_tokens, cfg.vit_dim, cfg.feature_dim, cfg.vit_dim, cfg.spatial_dropout)
-        self.out_dim = cfg.vit_dim + cfg.feature_dim
+        self.vit = LightViT(3 * cfg.n_cameras * cfg.obs_steps, cfg.vit_dim, cfg.vit_heads, cfg.vit_depth, cfg.img_size)
+        self.spatial = SpatialEmb(self.vit.n_tokens, cfg.vit_dim, cfg.input_dim, cfg.vit_dim, cfg.spatial_dropout)
+        self.out_dim = cfg.vit_dim + cfg.input_dim
 
-    def forward(self, state, rgb):              # rgb: uint8 or float in [0, 255], (B, 3*cams, H, W)
+    def forward(self, state, rgb):              # rgb: uint8 or float in [0, 255], (B, 3*cams*obs_steps, H, W)
         img = rgb.float() / 255.0 - 0.5
         if self.training and self.augment:
             img = random_shift(img)
@@ -263,7 +278,7 @@ class StateEncoder(nn.Module):
 
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
-        self.net = mlp([cfg.feature_dim, *cfg.cond_mlp_dims])
+        self.net = mlp([cfg.input_dim, *cfg.cond_mlp_dims])
         self.out_dim = cfg.cond_mlp_dims[-1]
 
     def forward(self, state, rgb=None):
@@ -396,10 +411,16 @@ class MeanFlowPolicy(nn.Module):
         return self._derived(("norm", name), (lo, hi), build)
 
     def normalize_state(self, s):
-        """Raw state (..., state_dim) -> the encoder's input (..., cfg.feature_dim): min/max-normalized, with the
-        quaternions of cfg.rot_quats replaced by their rotation-matrix columns (state_features)."""
+        """Raw state (..., k * state_dim), k >= 1 states back to back (an observation history, or one state) ->
+        (..., k * cfg.feature_dim): each state min/max-normalized, with the quaternions of cfg.rot_quats replaced by
+        their rotation-matrix columns (state_features)."""
         scale, off = self._norm_coefs("state", self.state_min, self.state_max)
-        return self.state_features(s, torch.addcmul(off, s - self.state_min, scale))
+        return self.normalize_frames(s, self.state_min, scale, off)
+
+    def normalize_frames(self, s, lo, scale, off):
+        """normalize_state with the coefficients given (the captured act passes snapshots of them)."""
+        f = s.unflatten(-1, (-1, self.cfg.state_dim))
+        return self.state_features(f, torch.addcmul(off, f - lo, scale)).flatten(-2)
 
     def state_features(self, s, s_n):
         """s_n (the normalized state) with each quaternion of cfg.rot_quats, read from the raw state s, as its
@@ -652,8 +673,10 @@ class MeanFlowPolicy(nn.Module):
             raise ValueError("image policy needs obs['rgb'] (uint8, C x H x W)")
         rgb = obs["rgb"] if image else None
         single = len(s.shape if hasattr(s, "shape") else np.shape(s)) == 1
-        if (s.shape[-1] if hasattr(s, "shape") else np.shape(s)[-1]) != self.cfg.state_dim:
-            raise ValueError(f"obs['state'] has {np.shape(s)[-1]} dims, the policy expects {self.cfg.state_dim}")
+        if (s.shape[-1] if hasattr(s, "shape") else np.shape(s)[-1]) != self.cfg.obs_width:
+            raise ValueError(f"obs['state'] has {np.shape(s)[-1]} dims, the policy expects {self.cfg.obs_width}"
+                             + (f" (the last {self.cfg.obs_steps} states of {self.cfg.state_dim}, oldest first: "
+                                "tasks.ObsHistory)" if self.cfg.obs_steps > 1 else ""))
         if dev.type != "cpu":
             host = [x for x in (s, rgb) if x is not None and not (torch.is_tensor(x) and x.device == dev)]
             if len(host) == 2:              # state and image both on the host: pack them, copy once
@@ -696,7 +719,9 @@ class MeanFlowPolicy(nn.Module):
     def act(self, obs, steps=None, noise=None):
         """Action chunk(s) in environment units for observation(s) in environment units.
 
-        obs: {"state": (B, S) or (S,), "rgb": (B, C, H, W) or (C, H, W) uint8 (image mode)}; numpy or torch.
+        obs: {"state": (B, S) or (S,), "rgb": (B, C, H, W) or (C, H, W) uint8 (image mode)}; numpy or torch. With
+        cfg.obs_steps = N > 1, S = N * state_dim and C = N * 3 * n_cameras: the last N observations, oldest first, as
+        tasks.ObsHistory and ChunkVecEnv(obs_steps=N) give them (an episode's first observation repeated at its start).
         The encoder runs once per call whatever the step count K (default cfg.inference_steps, 1 = one network
         evaluation). noise: (B, Ta, Da), best on the policy's device. Returns numpy (B, Ta, Da), or (Ta, Da) for an
         unbatched observation. Per call: the encoder, K head evaluations and a handful of fused ops (normalization
@@ -746,7 +771,7 @@ class _ActCore(nn.Module):
 
     def forward(self, state, noise, rgb=None):
         p = self.policy
-        cond = p.encode(p.state_features(state, torch.addcmul(self.s_off, state - self.s_lo, self.s_scale)), rgb)
+        cond = p.encode(p.normalize_frames(state, self.s_lo, self.s_scale, self.s_off), rgb)
         return torch.addcmul(self.a_mid, p.run_schedule(noise, cond, self.times), self.a_half)
 
 
@@ -785,7 +810,7 @@ class CapturedAct:
         host, shapes, out, graph, dev_buf = self._static
         s = np.asarray(obs["state"].cpu() if torch.is_tensor(obs["state"]) else obs["state"], dtype=np.float32)
         single = s.ndim == 1
-        s = s.reshape(-1, self.cfg.state_dim)
+        s = s.reshape(-1, self.cfg.obs_width)
         if s.shape[0] != self.batch:
             raise ValueError(f"this captured act takes batch {self.batch}, got {s.shape[0]}; capture another")
         # noise=None: drawn from torch's CPU generator (eager act on CUDA draws from the CUDA one)
@@ -806,11 +831,11 @@ class CapturedAct:
 def _example_inputs(policy, batch, dev):
     cfg = policy.cfg
     g = torch.Generator().manual_seed(0)
-    state = (torch.rand(batch, cfg.state_dim, generator=g) * 2 - 1).to(dev)
+    state = (torch.rand(batch, cfg.obs_width, generator=g) * 2 - 1).to(dev)
     noise = torch.randn(batch, cfg.chunk, cfg.act_dim, generator=g).to(dev)
     rgb = None
     if cfg.obs_mode == "image":
-        rgb = torch.randint(0, 256, (batch, 3 * cfg.n_cameras, cfg.img_size, cfg.img_size), generator=g,
+        rgb = torch.randint(0, 256, (batch, 3 * cfg.n_cameras * cfg.obs_steps, cfg.img_size, cfg.img_size), generator=g,
                             dtype=torch.uint8).to(dev)
     return state, noise, rgb
 

@@ -4,7 +4,8 @@
     python pretrain.py --task transport --alpha-disp 0.9    # needs a transport dataset (see --download)
     python pretrain.py --task lift --resume                 # continue the same run (CSV, step, optimizer, EMA)
 
-Loop: sample (observation, action chunk) pairs that never cross an episode end -> normalize with the
+Loop: sample (observation, action chunk) pairs that never cross an episode end (with --obs-steps N, the observation
+is the chunk's first step and the N - 1 before it, the episode's first repeated at its start) -> normalize with the
 data's min/max (stored in the policy) -> MeanFlow loss + alpha_disp * dispersive loss -> AdamW with a
 warm-up + cosine learning rate -> EMA of the weights (what evaluation and fine-tuning use).
 """
@@ -39,7 +40,7 @@ RUN_CONTROL = ("steps", "max_minutes", "eval_every", "eval_episodes", "eval_envs
 COMMON = dict(orientation="quat", alpha_disp=0.5, disp_loss="infonce_l2", disp_temp=0.5, flow_ratio=0.5, min_lr_ratio=0.1, warmup=500,
               weight_decay=1e-6, ema_decay=0.995, ema_every=10, ema_start=1000, grad_clip=1.0, inference_steps=1,
               epochs=None, warmup_epochs=None, ema_start_epochs=None, demos=100,
-              dagger_rounds=0, dagger_episodes=50, dagger_beta=0.5)
+              dagger_rounds=0, dagger_episodes=50, dagger_beta=0.5, obs_steps=1)
 PRESETS = {
     "cpu": {
         "robomimic": dict(loss="meanflow", steps=30_000, batch_size=256, lr=1e-4, hidden_dim=512, cond_dims=[128, 32]),
@@ -109,6 +110,7 @@ def make_parser(task="lift", obs="state", preset="cpu"):
     p.add_argument("--probe-size", type=cli.positive_int, default=1024, help="observations whose embeddings give the logged collapse statistics (emb_* columns)")
     p.add_argument("--demos", type=cli.positive_int, default=d["demos"], help="scripted demos to collect when the default dataset is missing")
     p.add_argument("--orientation", default=d["orientation"], choices=["quat", "rot6d"], help="how the encoder sees the state's quaternions: as recorded, or as rotation-matrix columns (continuous where the recorded sign flips; robosuite tasks)")
+    p.add_argument("--obs-steps", type=cli.positive_int, default=d["obs_steps"], help="condition on the last N observations (states concatenated, image frames stacked; an episode's first observation repeated at its start); 1 as DMPO's configs, 2 as Diffusion Policy's")
     p.add_argument("--dagger-rounds", type=cli.nonneg_int, default=d["dagger_rounds"], help="DAgger rounds, evenly spaced over the steps: roll out the EMA policy, label the visited states with the task's expert, train on demos + all labels (<out>/dagger.hdf5; state obs, robosuite tasks with a stateless expert)")
     p.add_argument("--dagger-episodes", type=cli.positive_int, default=d["dagger_episodes"], help="policy episodes per DAgger round")
     p.add_argument("--dagger-beta", type=cli.probability, default=d["dagger_beta"], help="probability that a DAgger chunk is the expert's instead of the policy's")
@@ -238,7 +240,8 @@ def settings(argv):
     cli.require_stage(ckpt, "pretrain", latest)
     tasks.check_layout(ckpt, ckpt["task"], latest)
     # settings added since older runs started, at the values those runs trained with
-    saved = {"orientation": "rot6d" if ckpt["config"].get("rot_quats") else "quat", "dagger_rounds": 0, **ckpt["args"]}
+    saved = {"orientation": "rot6d" if ckpt["config"].get("rot_quats") else "quat", "dagger_rounds": 0, "obs_steps": 1,
+             **ckpt["args"]}
     run_defaults = vars(make_parser(saved["task"], saved.get("obs", "state"), saved.get("preset", "cpu")).parse_args([]))
     args = cli.resume_settings(parser, argv, args, saved, RUN_CONTROL, latest, run_defaults)
     args.epochs = args.warmup_epochs = args.ema_start_epochs = None   # already turned into steps when the run began
@@ -290,7 +293,8 @@ def main(argv=None):
                               hidden_dim=args.hidden_dim, loss=args.loss, flow_ratio=args.flow_ratio,
                               alpha_disp=args.alpha_disp, disp_loss=args.disp_loss, disp_temp=args.disp_temp,
                               inference_steps=args.inference_steps,
-                              rot_quats=tasks.quaternion_starts(task, args.obs) if args.orientation == "rot6d" else ())
+                              rot_quats=tasks.quaternion_starts(task, args.obs) if args.orientation == "rot6d" else (),
+                              obs_steps=args.obs_steps)
     policy = models.make_policy(cfg, device)
     stats = tasks.normalization_stats(data)   # of the demos: DAgger rounds keep this normalization
     policy.set_normalization(**stats)
@@ -310,15 +314,16 @@ def main(argv=None):
         states = policy.normalize_state(torch.as_tensor(data.states, device=device))
         actions = policy.normalize_action(torch.as_tensor(data.actions, device=device)).clamp(-1, 1)
         images = torch.as_tensor(data.images, device=device) if args.obs == "image" else None
-        return states, actions, images, torch.as_tensor(tasks.chunk_starts(data, task.chunk), device=device)
+        history = torch.as_tensor(tasks.history_indices(data.episode_lengths, args.obs_steps), device=device)
+        return states, actions, images, torch.as_tensor(tasks.chunk_starts(data, task.chunk), device=device), history
 
-    states, actions, images, starts = on_device(data_all if dagger_done else data)
+    states, actions, images, starts, history = on_device(data_all if dagger_done else data)
     offsets = torch.arange(task.chunk, device=device)
     # DAgger round r (1..R) runs once step reaches round_steps[r - 1]: rounds evenly spaced, the last R+1-th of the
     # steps trains on every label
     round_steps = [args.steps * r // (args.dagger_rounds + 1) for r in range(1, args.dagger_rounds + 1)]
     # probe set of the collapse statistics: held-out episodes, else a fixed sample of the training observations
-    probe_states, probe_images = probe_data.probe(args.probe_size)
+    probe_states, probe_images = probe_data.probe(args.probe_size, obs_steps=args.obs_steps)
     probe_states = policy.normalize_state(torch.as_tensor(probe_states, device=device))
     probe_rgb = torch.as_tensor(probe_images, device=device) if args.obs == "image" else None
     print(f"{task.name} ({args.obs}): {len(data.episode_lengths)} episodes, {len(data)} steps, {len(starts)} chunks "
@@ -359,15 +364,16 @@ def main(argv=None):
                                      args.dagger_episodes, args.dagger_beta, seed=10_000 * (dagger_done + 1) + args.seed,
                                      progress=False)
             dagger_done += 1
-            states, actions, images, starts = on_device(tasks.load_dataset(dagger_path, task, args.obs))
+            states, actions, images, starts, history = on_device(tasks.load_dataset(dagger_path, task, args.obs))
             tqdm.write(f"DAgger round {dagger_done}/{args.dagger_rounds} at step {step}: {r['episodes']} episodes, "
                        f"policy success {100 * r['learner_success_rate']:.0f}%, +{r['samples']} labelled states "
                        f"({r['minutes']:.1f} min); training on {len(states)} states -> {dagger_path}")
             save(latest)
-        # --- one gradient step on a random batch of (observation, action chunk) ---
+        # --- one gradient step on a random batch of (observation history, action chunk) ---
         idx = starts[torch.randint(len(starts), (args.batch_size,), device=device)]
-        rgb = images[idx] if images is not None else None
-        total, info = loss_fn(states[idx], actions[idx[:, None] + offsets], rgb)
+        hist = history[idx]                   # (B, obs_steps): the chunk's first step and the steps before it
+        rgb = images[hist].flatten(1, 2) if images is not None else None
+        total, info = loss_fn(states[hist].flatten(1), actions[idx[:, None] + offsets], rgb)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         opt.zero_grad(set_to_none=True)

@@ -599,6 +599,42 @@ def _stack(obs_list: list[dict]) -> dict:
     return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
 
 
+class ObsHistory:
+    """The last n observations of one env as one observation: states concatenated (n * state_dim), image frames
+    stacked along channels (n * C, H, W), oldest first; at an episode's start the first observation fills every slot
+    (as the dataset sampler, history_indices, repeats an episode's first step). n = 1 passes observations through.
+    Every env step must be pushed, also inside an open-loop chunk: the history is per env step, as in the data."""
+
+    def __init__(self, n: int = 1):
+        if n < 1:
+            raise ValueError(f"observation history needs n >= 1, got {n}")
+        self.n, self.frames = n, []
+
+    def reset(self, obs: dict) -> dict:
+        self.frames = [obs] * self.n
+        return self.get()
+
+    def push(self, obs: dict) -> dict:
+        if not self.frames:
+            return self.reset(obs)
+        self.frames = self.frames[1:] + [obs]
+        return self.get()
+
+    def get(self) -> dict:
+        if self.n == 1:
+            return self.frames[0]
+        return {k: np.concatenate([f[k] for f in self.frames]) for k in self.frames[0]}
+
+
+def history_indices(episode_lengths: np.ndarray, n: int) -> np.ndarray:
+    """(N, n) int64: for every step of back-to-back episodes, the indices of its last n steps, oldest first, clamped
+    to the episode's first step (the first observation repeated at the start, as ObsHistory does in the env)."""
+    lengths = np.asarray(episode_lengths, dtype=np.int64)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    idx = np.arange(int(lengths.sum()), dtype=np.int64)
+    return np.maximum(idx[:, None] + np.arange(1 - n, 1, dtype=np.int64)[None], starts[:, None])
+
+
 class ChunkVecEnv:
     """n_envs envs, one action chunk per call (all of it, or the first actions the caller passes: evaluate.py
     --act-steps re-plans after part of each chunk, as deploy_franka.py does); env i is seeded seed + i.
@@ -606,6 +642,8 @@ class ChunkVecEnv:
     workers=1 (default) steps the envs one after the other in this process: a gym MuJoCo step (~50 us) is cheaper than
     the pipe round trip to a subprocess. A robosuite step costs ~5 ms, so workers=W > 1 splits the envs over W
     subprocesses (contiguous blocks, same seeds); results are identical to workers=1, only faster on free cores.
+    obs_steps=n > 1 makes every observation the env's last n (ObsHistory: states concatenated, frames stacked on
+    channels), pushed at every env step inside a chunk and refilled at each reset.
     step(chunks (N, Ta, act_dim)) -> obs batch, reward (N,) summed over the executed steps, done (N,), info:
       episodes       list of {"env", "success" (any step succeeded), "return", "length" (env steps)}
       terminated     (N,) true terminations (gym falls; robosuite success with terminate_on_success)
@@ -617,9 +655,10 @@ class ChunkVecEnv:
 
     def __init__(self, task: Task | str, obs_mode: str = "state", n_envs: int = 1, seed: int = 0,
                  terminate_on_success: bool = False, max_episode_steps: int | None = None, workers: int = 1,
-                 dense_reward: bool = False):
+                 dense_reward: bool = False, obs_steps: int = 1):
         self.task = get_task(task)
         self.obs_mode, self.n_envs = obs_mode, n_envs
+        self.hist = [ObsHistory(obs_steps) for _ in range(n_envs)]
         self.envs, self.remotes, self.procs = [], [], []
         workers = max(1, min(workers, n_envs))
         if workers == 1:
@@ -635,7 +674,7 @@ class ChunkVecEnv:
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_vec_worker, daemon=True,
                                    args=(child, self.task, obs_mode, int(hi - lo), seed + int(lo),
-                                         terminate_on_success, max_episode_steps, dense_reward))
+                                         terminate_on_success, max_episode_steps, dense_reward, obs_steps))
                 proc.start()
                 child.close()
                 self.remotes.append(parent)
@@ -656,7 +695,8 @@ class ChunkVecEnv:
             for remote, (lo, _) in zip(self.remotes, self.blocks):
                 remote.send(("reset", None if seed is None else seed + int(lo)))
             return _concat([_recv(remote) for remote in self.remotes])
-        return _stack([env.reset(None if seed is None else seed + i) for i, env in enumerate(self.envs)])
+        return _stack([h.reset(env.reset(None if seed is None else seed + i))
+                       for i, (env, h) in enumerate(zip(self.envs, self.hist))])
 
     def step(self, chunks: np.ndarray):
         chunks = np.asarray(chunks)
@@ -678,9 +718,10 @@ class ChunkVecEnv:
         done, terminated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         chunk_success = np.zeros(n, dtype=bool)
         obs_list, final_list, episodes = [], [], []
-        for i, env in enumerate(self.envs):
+        for i, (env, hist) in enumerate(zip(self.envs, self.hist)):
             for action in chunks[i]:
                 obs, r, term, trunc, info = env.step(action)
+                obs = hist.push(obs)
                 reward[i] += r
                 steps[i] += 1
                 chunk_success[i] |= info["success"]
@@ -695,7 +736,7 @@ class ChunkVecEnv:
                 episodes.append({"env": i, "success": bool(self.ep_success[i]),
                                  "return": float(self.ep_return[i]), "length": int(self.ep_length[i])})
                 self.ep_return[i], self.ep_length[i], self.ep_success[i] = 0.0, 0, False
-                obs = env.reset()
+                obs = hist.reset(env.reset())
             obs_list.append(obs)
         info = {"episodes": episodes, "terminated": terminated, "truncated": done & ~terminated,
                 "steps": steps, "chunk_success": chunk_success, "final_obs": _stack(final_list)}
@@ -716,11 +757,11 @@ class ChunkVecEnv:
         self.remotes, self.procs = [], []
 
 
-def _vec_worker(conn, task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps, dense_reward):
+def _vec_worker(conn, task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps, dense_reward, obs_steps):
     """Subprocess side of ChunkVecEnv(workers > 1): a synchronous ChunkVecEnv serving reset/step over a pipe."""
     try:
         vec = ChunkVecEnv(task, obs_mode, n_envs, seed, terminate_on_success, max_episode_steps,
-                          dense_reward=dense_reward)
+                          dense_reward=dense_reward, obs_steps=obs_steps)
         conn.send(("ok", None))
         while True:
             cmd, arg = conn.recv()
@@ -809,11 +850,14 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.actions)
 
-    def probe(self, size: int, seed: int = 12345) -> tuple[np.ndarray, np.ndarray | None]:
+    def probe(self, size: int, seed: int = 12345, obs_steps: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
         """(states, images or None) of a fixed random subset of `size` observations (numpy's own generator, so
-        torch's stream is untouched): the probe set of the embedding statistics in pretrain.py and evaluate.py."""
+        torch's stream is untouched): the probe set of the embedding statistics in pretrain.py and evaluate.py.
+        obs_steps > 1: each observation with its history, as the policy takes it (ObsHistory's layout)."""
         pick = np.sort(np.random.default_rng(seed).choice(len(self), min(size, len(self)), replace=False))
-        return self.states[pick], (None if self.images is None else self.images[pick])
+        hist = history_indices(self.episode_lengths, obs_steps)[pick]          # (size, obs_steps)
+        return (self.states[hist].reshape(len(pick), -1),
+                None if self.images is None else self.images[hist].reshape(len(pick), -1, *self.images.shape[2:]))
 
     def split_last(self, n_episodes: int) -> tuple["Dataset", "Dataset"]:
         """(the first E - n episodes, the last n): a held-out part that training never sees."""

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -246,7 +247,6 @@ def test_transport_two_arm_demo(tmp_path):
         stored = {k: v[:] for k, v in f["data/demo_0/obs"].items()}
     env = tasks.make_env("transport", seed=0)
     env.reset()
-    sim = env.sim_env.sim
     for t, want in ((0, False), (T // 2, False), (T - 1, True)):  # trash and hammer are in their bins at the end
         ours = _replay(env, states[t])
         assert env.sim_env._check_success() == want
@@ -490,12 +490,16 @@ def test_square_expert_is_stateless():
 
 
 class _ZeroPolicy:
-    """A learner that always outputs a zero chunk (stands in for a checkpoint's policy)."""
-    def __init__(self, task):
+    """A learner that always outputs a zero chunk (stands in for a checkpoint's policy); with obs_steps = 2 it checks
+    that it is handed (previous state, state)."""
+    def __init__(self, task, obs_steps=1):
         self.shape = (task.chunk, task.act_dim)
+        self.cfg = SimpleNamespace(obs_steps=obs_steps)
+        self.seen = []
 
     def act(self, obs):
-        assert obs["state"].shape == (tasks.TASKS["square"].obs_dim,)
+        assert obs["state"].shape == (self.cfg.obs_steps * tasks.TASKS["square"].obs_dim,)
+        self.seen.append(obs["state"])
         return np.zeros(self.shape)
 
 
@@ -503,8 +507,21 @@ def test_dagger_episode_labels_learner_states():
     task = tasks.TASKS["square"]
     env = tasks.make_env(task, seed=5)
     from experts import SquareExpert
-    ep, ok = collect_demos.run_dagger_episode(env, task, np.random.default_rng(0), _ZeroPolicy(task), beta=0.0,
+    learner = _ZeroPolicy(task, obs_steps=2)
+    states, step = [], env.step
+
+    def recording_step(action):
+        out = step(action)
+        states.append(out[0]["state"])
+        return out
+    env.step = recording_step
+    ep, ok = collect_demos.run_dagger_episode(env, task, np.random.default_rng(0), learner, beta=0.0,
                                               noise=0.05, max_steps=40)
+    del env.step
+    d = task.obs_dim                        # the learner saw the env's last two states at every chunk start
+    np.testing.assert_array_equal(learner.seen[0][:d], learner.seen[0][d:])
+    for c in range(1, 10):
+        np.testing.assert_array_equal(learner.seen[c], np.concatenate(states[4 * c - 2:4 * c]))
     assert not ok and len(ep["actions"]) == 40 and ep["dones"][-1] == 1 and ep["states"].shape[0] == 40
     # the learner drove (zero actions: the arm barely moves) and each label is the expert's clean action there
     assert np.abs(ep["actions"]).max() > 0.3

@@ -37,12 +37,13 @@ def write_lift_checkpoint(path, extra=None):
 class ScriptedPolicy:
     """Stands in for MeanFlowPolicy in the fault tests: call i (from 1) returns fn(i), a (4, 7) chunk."""
 
-    def __init__(self, fn):
-        self.cfg = SimpleNamespace(chunk=4)
-        self.fn, self.calls = fn, 0
+    def __init__(self, fn, obs_steps=1):
+        self.cfg = SimpleNamespace(chunk=4, obs_steps=obs_steps)
+        self.fn, self.calls, self.seen = fn, 0, []
 
     def act(self, obs, steps=None):
         self.calls += 1
+        self.seen.append(obs["state"].copy())
         return self.fn(self.calls)
 
 
@@ -97,6 +98,25 @@ def test_cli_capture_trace_gives_the_eager_commands(tmp_path):
     with pytest.raises(SystemExit, match="--capture graph"):
         dep.main(["--ckpt", ckpt, "--backend", "sim", "--steps", "1", "--capture", "graph", "--log",
                   str(tmp_path / "g.csv")])
+
+
+def test_loop_feeds_a_history_policy_every_periods_reading(lift_env, tmp_path):
+    """A policy with obs_steps = 2 gets (previous reading, reading), the first reading repeated at the start, with
+    the readings taken while a chunk plays out pushed too."""
+    backend = dep.SimBackend(lift_env)
+    readings, read = [], backend.read_state
+
+    def spy():
+        r = read()
+        readings.append(r.obs["state"].copy())
+        return r
+    backend.read_state = spy
+    policy = ScriptedPolicy(lambda call: np.full((4, 7), 0.3 * (-1) ** call), obs_steps=2)
+    s, _ = run(policy, backend, tmp_path, steps=8)
+    assert s["steps"] == 8 and policy.calls == 2
+    np.testing.assert_array_equal(policy.seen[0], np.concatenate([readings[0], readings[0]]))
+    np.testing.assert_array_equal(policy.seen[1], np.concatenate([readings[3], readings[4]]))
+    assert not np.array_equal(readings[3], readings[4])
 
 
 def test_watchdog_trips_when_the_policy_sleeps_past_the_deadline(lift_env, tmp_path):

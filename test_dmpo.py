@@ -230,18 +230,46 @@ def test_steps_below_one_are_refused():
             small_cfg(**{field: bad})
 
 
+def test_observation_history_policy():
+    """obs_steps = N: act takes the last N states back to back (oldest first), each normalized like a single state
+    (rotation features included), the encoder sees all of them, and a single state is refused in one line."""
+    torch.manual_seed(0)
+    cfg = m.PolicyConfig(state_dim=11, act_dim=3, chunk=4, obs_steps=2, rot_quats=(3,), cond_mlp_dims=(16, 8),
+                         hidden_dim=32)
+    assert (cfg.obs_width, cfg.feature_dim, cfg.input_dim) == (22, 13, 26)
+    p = m.make_policy(cfg).eval()
+    p.set_normalization(-np.ones(11) * 2, np.ones(11) * 3, -np.ones(3), np.ones(3))
+    rng = np.random.default_rng(0)
+    old, new = (torch.as_tensor(rng.uniform(-2, 3, (5, 11)), dtype=torch.float32) for _ in range(2))
+    both = p.normalize_state(torch.cat([old, new], 1))
+    assert both.shape == (5, 26)
+    torch.testing.assert_close(both, torch.cat([p.normalize_state(old), p.normalize_state(new)], 1))
+    z = torch.randn(5, 4, 3)
+    a = p.act({"state": torch.cat([old, new], 1).numpy()}, noise=z)
+    a_other = p.act({"state": torch.cat([new, new], 1).numpy()}, noise=z)
+    assert a.shape == (5, 4, 3) and not np.allclose(a, a_other)      # the older state changes the action
+    with pytest.raises(ValueError, match="expects 22.*last 2 states"):
+        p.act({"state": new.numpy()})
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="obs_steps"):
+            m.PolicyConfig(state_dim=11, act_dim=3, chunk=4, obs_steps=bad)
+
+
 def test_captured_act_matches_eager_act():
     """compile_act (CPU: torch.jit.trace + freeze) gives the eager act's actions for the same noise, takes the same
     inputs, and refuses another batch size or K."""
     torch.manual_seed(0)
     for cfg in (small_cfg(), m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image", rot_quats=(3,)),
-                m.PolicyConfig(state_dim=23, act_dim=7, chunk=4, rot_quats=(3, 12, 19), cond_mlp_dims=(16, 8), hidden_dim=32)):
+                m.PolicyConfig(state_dim=23, act_dim=7, chunk=4, rot_quats=(3, 12, 19), cond_mlp_dims=(16, 8), hidden_dim=32),
+                m.PolicyConfig(state_dim=9, act_dim=7, chunk=4, obs_mode="image", rot_quats=(3,), obs_steps=2),
+                m.PolicyConfig(state_dim=23, act_dim=7, chunk=4, rot_quats=(3, 12), obs_steps=3, cond_mlp_dims=(16, 8),
+                               hidden_dim=32)):
         p = m.make_policy(cfg).eval()
         p.set_normalization(-np.ones(cfg.state_dim), np.ones(cfg.state_dim) * 3, -np.ones(cfg.act_dim), np.ones(cfg.act_dim) * 2)
         rng = np.random.default_rng(1)
-        obs = {"state": rng.uniform(-1, 3, (1, cfg.state_dim)).astype(np.float32)}
+        obs = {"state": rng.uniform(-1, 3, (1, cfg.obs_width)).astype(np.float32)}
         if cfg.obs_mode == "image":
-            obs["rgb"] = rng.integers(0, 256, (1, 3, 96, 96), dtype=np.uint8)
+            obs["rgb"] = rng.integers(0, 256, (1, 3 * cfg.obs_steps, 96, 96), dtype=np.uint8)
         for k in (1, 3):
             cap = m.compile_act(p, batch=1, steps=k)
             assert cap.mode == "trace" and cap.cfg is p.cfg
@@ -668,3 +696,44 @@ def test_stage_scripts_fail_in_one_line(tmp_path):
         assert r.returncode != 0 and "Traceback" not in r.stderr
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and needle in last, r.stderr[-500:]
+
+
+def test_pretrain_evaluate_finetune_with_observation_history(lift_demos, tmp_path, monkeypatch):
+    """--obs-steps 2: every training input is (previous state, state) of one episode, the first state repeated at an
+    episode's start; the checkpoint carries N; evaluate.py and finetune.py feed the policy its history."""
+    import evaluate
+    import finetune
+    import pretrain
+    import tasks
+    seen = []
+    loss = m.MeanFlowPolicy.loss
+
+    def spy(self, state_n, action_n, rgb=None):
+        seen.append(state_n.detach().clone())
+        return loss(self, state_n, action_n, rgb)
+    monkeypatch.setattr(m.MeanFlowPolicy, "loss", spy)
+    out = tmp_path / "run"
+    pretrain.main(["--task", "lift", "--dataset", lift_demos, "--batch-size", "64", "--steps", "5", "--obs-steps", "2",
+                   "--orientation", "rot6d", "--eval-episodes", "0", "--out", str(out), "--warmup", "2"])
+    policy, ck = m.load_policy(str(out / "latest.pt"))
+    assert policy.cfg.obs_steps == 2 and ck["args"]["obs_steps"] == 2
+    data = tasks.load_dataset(lift_demos, "lift")
+    norm = policy.normalize_state(torch.as_tensor(data.states))        # (N, F) per step
+    first = set(np.cumsum(data.episode_lengths) - data.episode_lengths)
+    f = policy.cfg.feature_dim
+    batch = seen[0]
+    assert batch.shape == (64, 2 * f)
+    at_start = 0
+    for row in batch:
+        steps = [int(j) for j in torch.nonzero((norm == row[f:]).all(1))]    # the step whose chunk this is
+        assert any(torch.equal(row[:f], norm[j if j in first else j - 1]) for j in steps)
+        at_start += all(j in first for j in steps)
+    assert at_start < len(batch)                                        # mostly real histories, not repeats
+    rows = evaluate.main(["--ckpt", str(out / "latest.pt"), "--episodes", "2", "--n-envs", "2", "--max-episode-steps",
+                          "12", "--csv", str(tmp_path / "eval.csv")])
+    assert rows[0]["episodes"] == 2
+    finetune.main(["--ckpt", str(out / "latest.pt"), "--out", str(tmp_path / "ft"), "--iterations", "1", "--n-envs",
+                   "2", "--n-steps", "3", "--minibatch-size", "3", "--update-epochs", "1", "--critic-warmup", "0",
+                   "--max-episode-steps", "8", "--eval-episodes", "0"])
+    tuned, ck = m.load_policy(str(tmp_path / "ft" / "latest.pt"))
+    assert tuned.cfg.obs_steps == 2 and ck["step"] == 1

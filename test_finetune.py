@@ -164,6 +164,40 @@ def test_gae_termination_truncation_and_continuation():
     torch.testing.assert_close(adv[0, 2], torch.tensor(1.0 + g * 7.0 - 0.5))   # truncation: bootstrap, trace cut
 
 
+def test_episode_chunks_are_marked_by_outcome_and_success_gets_positive_advantage():
+    """mark_episode_chunks labels each finished episode's chunks; with a sparse 0/1 success reward and a critic that
+    predicts the average outcome, GAE gives the chunks of the successful episode a positive mean advantage and those
+    of the failed one a negative mean (the sign check logged as adv_success / adv_failure)."""
+    T, N = 5, 2
+    outcome, start = torch.zeros(T, N), np.zeros(N, dtype=np.int64)
+    ended = {1: [{"env": 0, "success": True}], 3: [{"env": 1, "success": False}], 4: [{"env": 0, "success": False}]}
+    for step in range(T):
+        ft.mark_episode_chunks(outcome, start, step, ended.get(step, []))
+    torch.testing.assert_close(outcome, torch.tensor([[1., -1], [1, -1], [-1, -1], [-1, -1], [-1, 0]]))
+    rewards, dones = torch.zeros(T, N), torch.zeros(T, N)
+    rewards[1, 0] = dones[1, 0] = dones[3, 1] = dones[4, 0] = 1.0        # env 0 succeeds at chunk 1
+    adv = ft.compute_gae(rewards, torch.full((T, N), 0.4), dones, torch.zeros(T, N), torch.full((N,), 0.4), 0.99, 0.95)
+    assert adv[outcome == 1].mean() > 0 > adv[outcome == -1].mean()
+
+
+def test_half_gradient_cosine_separates_signal_from_noise():
+    """Advantages that reward one direction of the injected noise give two env halves the same policy gradient
+    (cosine near 1); advantages unrelated to the actions give unrelated gradients (cosine near 0)."""
+    policy = small_policy()
+    noise_net = small_noise_net(policy)
+    B, N = 2048, 8
+    state = torch.rand(B, 5) * 2 - 1
+    with torch.no_grad():
+        chain = ft.sample_chain(policy, noise_net, policy.encode(state), 1)
+        mu = policy.denoise_step(chain[:, 0], torch.ones(B), torch.zeros(B), policy.encode(state))
+    env = torch.arange(B) % N
+    signal = (chain[:, 1, :, 0] - mu[:, :, 0]).sum(1)          # first action dim pushed above its mean: good
+    cos_signal = ft.half_gradient_cosine(policy, noise_net, state, None, chain, signal, env, N, 1, 12, 1.0)
+    cos_noise = ft.half_gradient_cosine(policy, noise_net, state, None, chain, torch.randn(B), env, N, 1, 12, 1.0)
+    assert cos_signal > 0.85 and abs(cos_noise) < 0.4
+    assert math.isnan(ft.half_gradient_cosine(policy, noise_net, state, None, chain, signal, env * 0, 1, 1, 12, 1.0))
+
+
 def test_reward_scaler_tracks_the_discounted_return_std():
     rng = np.random.default_rng(0)
     sc = tasks.RewardScaler(n_envs=4, gamma=0.9)
@@ -213,7 +247,8 @@ def test_hopper_two_iterations_then_resume(tmp_path):
     assert int(rows[1]["env_steps"]) > 0 and rows[1]["policy_loss"] == ""          # critic warm-up
     r2 = rows[2]
     for col in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "std_mean", "bc_coef", "bc_loss",
-                "env_steps_per_s", "eval_success_rate", "episodes", "ratio_dev_first", "approx_kl_mean", "approx_kl_std"):
+                "env_steps_per_s", "eval_success_rate", "episodes", "ratio_dev_first", "approx_kl_mean", "approx_kl_std",
+                "grad_cos_halves"):
         assert r2[col] != "" and math.isfinite(float(r2[col])), col
     assert float(r2["ratio_dev_first"]) < 1e-5          # the stored log-probs are the acting policy's (ratio 1)
     assert 0.05 <= float(r2["std_mean"]) <= 0.12 and float(r2["bc_coef"]) == 0.05

@@ -300,6 +300,40 @@ def test_vec_env_worker_processes_match_the_synchronous_vector():
             np.testing.assert_array_equal(x, y)
 
 
+def test_observation_history_in_the_env_and_in_the_data():
+    """ChunkVecEnv(obs_steps=3) (in 2 worker processes) gives each env's last 3 states per env step, oldest first,
+    pushed inside chunks, with the first state repeated after every reset and in final_obs; the dataset side
+    (history_indices, Dataset.probe) clamps to an episode's first step in the same way."""
+    rng = np.random.default_rng(0)
+    chunks = [rng.uniform(-1, 1, (3, 4, 3)) for _ in range(25)]
+    vec = ChunkVecEnv("hopper", n_envs=3, seed=2, max_episode_steps=30, workers=2, obs_steps=3)
+    envs = [make_env("hopper", seed=2 + i, max_episode_steps=30) for i in range(3)]
+    frames = [[env.reset(7 + i)["state"]] * 3 for i, env in enumerate(envs)]
+    obs = vec.reset(seed=7)["state"]
+    ended = 0
+    for c in chunks:
+        assert obs.shape == (3, 33)
+        for i in range(3):
+            np.testing.assert_array_equal(obs[i], np.concatenate(frames[i][-3:]))
+        obs, _, done, info = vec.step(c)
+        obs = obs["state"]
+        for i, env in enumerate(envs):          # the reference: plain envs, every step's state kept by hand
+            for a in c[i]:
+                o, _, term, trunc, _ = env.step(a)
+                frames[i].append(o["state"])
+                if term or trunc:
+                    np.testing.assert_array_equal(info["final_obs"]["state"][i], np.concatenate(frames[i][-3:]))
+                    frames[i] = [env.reset()["state"]] * 3
+                    ended += 1
+                    break
+    vec.close()
+    assert ended >= 3
+    np.testing.assert_array_equal(tasks.history_indices(np.array([3, 2]), 2), [[0, 0], [0, 1], [1, 2], [3, 3], [3, 4]])
+    np.testing.assert_array_equal(tasks.history_indices(np.array([3, 2]), 1), np.arange(5)[:, None])
+    ds = Dataset(np.arange(10, dtype=np.float32).reshape(5, 2), np.zeros((5, 1), np.float32), np.array([3, 2]))
+    states, _ = ds.probe(5, obs_steps=2)
+    np.testing.assert_array_equal(states, [[0, 1, 0, 1], [0, 1, 2, 3], [2, 3, 4, 5], [6, 7, 6, 7], [6, 7, 8, 9]])
+
 
 def test_vec_env_robosuite_seeding_and_autoreset():
     rng = np.random.default_rng(0)
