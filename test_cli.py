@@ -234,7 +234,9 @@ def test_defaults_table_per_task_and_preset_reach_the_flags_and_help(capsys):
     a = finetune.parse_args(["--task", "can", "--preset", "paper"])
     assert (a.n_envs, a.n_steps, a.actor_lr, a.critic_lr, a.iterations, a.bc_coef) == (25, 500, 2.5e-6, 4e-4, 301, 0.05)
     a = finetune.parse_args(["--task", "square"])
-    assert (a.n_envs, a.actor_lr, a.bc_coef, a.bc_coef_final, a.gamma) == (10, 1e-5, 0.2, 0.05, 0.999)
+    assert (a.n_envs, a.actor_lr, a.bc_coef, a.bc_coef_final, a.gamma) == (20, 2.5e-6, 0.2, 0.05, 0.999)
+    a = finetune.parse_args(["--task", "lift"])
+    assert (a.n_envs, a.actor_lr, a.bc_coef) == (10, 1e-5, 0.05)
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--task", "kitchen-mixed", "--preset", "paper", "--help"])
     out = capsys.readouterr().out
