@@ -343,6 +343,11 @@ def compute_gae(rewards, values, dones, boot, next_value, gamma, lam):
     return adv
 
 
+def standardize_advantages(adv):
+    """Zero mean, unit std (population) over the given advantages: PPO's per-minibatch normalization."""
+    return (adv - adv.mean()) / (adv.std(correction=0) + 1e-8)
+
+
 def mark_episode_chunks(outcome, ep_start, step, episodes):
     """Rollout bookkeeping for the advantage-sign check: the chunks t in [ep_start[env], step] of each episode that
     ended at chunk `step` get +1 (it succeeded) or -1 (it failed) in outcome (T, N); ep_start moves past them.
@@ -363,8 +368,7 @@ def half_gradient_cosine(actor, noise_net, state, rgb, chain, adv, env, n_envs, 
     params = [p for p in list(actor.parameters()) + list(noise_net.parameters()) if p.requires_grad]
     grads = []
     for half in (env < n_envs // 2, env >= n_envs // 2):
-        a = adv[half]
-        a = (a - a.mean()) / (a.std(correction=0) + 1e-8)
+        a = standardize_advantages(adv[half])
         cond = actor.encode(state[half], None if rgb is None else rgb[half])
         lp = normalize_log_prob(chain_log_prob(actor, noise_net, cond, chain[half])[0], k, dims, logprob_clip)
         g = torch.autograd.grad((a * lp).mean(), params, allow_unused=True)
@@ -633,8 +637,7 @@ def main(argv=None):
                     ratio = logratio.exp()
                     if ratio_dev_first is None:    # before this iteration's first actor step the policy is the one
                         ratio_dev_first = (ratio - 1).abs().max().item()   # that acted: ratio 1 (ReinFlow issue #5)
-                    mb_adv = f_adv[idx]
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std(correction=0) + 1e-8)   # per-minibatch normalization
+                    mb_adv = standardize_advantages(f_adv[idx])
                     pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
                     entropy = (ent / ((K + 1) * dims)).mean()                           # normalized like the log-prob
                     if bc_coef > 0:
