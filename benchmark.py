@@ -147,7 +147,7 @@ def example_obs(policy, seed=0):
     cfg = policy.cfg
     obs = {"state": rng.uniform(-1, 1, (1, cfg.obs_width)).astype(np.float32)}
     if cfg.obs_mode == "image":
-        obs["rgb"] = rng.integers(0, 256, (1, 3 * cfg.n_cameras * cfg.obs_steps, cfg.img_size, cfg.img_size), dtype=np.uint8)
+        obs["rgb"] = rng.integers(0, 256, (1, cfg.rgb_channels, cfg.img_size, cfg.img_size), dtype=np.uint8)
     return obs
 
 
@@ -428,7 +428,7 @@ def train_rows(name, policy, device, args):
     action = (torch.rand(batch, cfg.chunk, cfg.act_dim, generator=g) * 2 - 1).to(device)
     rgb = None
     if cfg.obs_mode == "image":
-        rgb = torch.randint(0, 256, (batch, 3 * cfg.n_cameras * cfg.obs_steps, cfg.img_size, cfg.img_size),
+        rgb = torch.randint(0, 256, (batch, cfg.rgb_channels, cfg.img_size, cfg.img_size),
                             generator=g, dtype=torch.uint8).to(device)
     rows = []
     for loss, alpha, label in (("flow", 0.0, "flow matching"), ("meanflow", 0.0, "meanflow (JVP)"),

@@ -121,6 +121,11 @@ class PolicyConfig:
         """Width of the encoder's state input: obs_steps normalized states of feature_dim."""
         return self.obs_steps * self.feature_dim
 
+    @property
+    def rgb_channels(self) -> int:
+        """Channels of the image input `act` and the encoder take: obs_steps frames of 3 * n_cameras, oldest first."""
+        return 3 * self.n_cameras * self.obs_steps
+
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
@@ -262,7 +267,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
         self.augment = cfg.augment
-        self.vit = LightViT(3 * cfg.n_cameras * cfg.obs_steps, cfg.vit_dim, cfg.vit_heads, cfg.vit_depth, cfg.img_size)
+        self.vit = LightViT(cfg.rgb_channels, cfg.vit_dim, cfg.vit_heads, cfg.vit_depth, cfg.img_size)
         self.spatial = SpatialEmb(self.vit.n_tokens, cfg.vit_dim, cfg.input_dim, cfg.vit_dim, cfg.spatial_dropout)
         self.out_dim = cfg.vit_dim + cfg.input_dim
 
@@ -835,7 +840,7 @@ def _example_inputs(policy, batch, dev):
     noise = torch.randn(batch, cfg.chunk, cfg.act_dim, generator=g).to(dev)
     rgb = None
     if cfg.obs_mode == "image":
-        rgb = torch.randint(0, 256, (batch, 3 * cfg.n_cameras * cfg.obs_steps, cfg.img_size, cfg.img_size), generator=g,
+        rgb = torch.randint(0, 256, (batch, cfg.rgb_channels, cfg.img_size, cfg.img_size), generator=g,
                             dtype=torch.uint8).to(dev)
     return state, noise, rgb
 
