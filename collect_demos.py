@@ -354,7 +354,8 @@ def can_label(task_name: str) -> bool:
     return getattr(EXPERTS.get(task_name), "stateless", False)
 
 
-DAGGER_STEPS = {"square": 300}  # DAgger episode cap: the demos take 140-300 steps; a policy stuck longer adds
+DAGGER_STEPS = {"square": 300, "transport": 700}  # DAgger episode cap: the demos take 140-300 (square) and
+                                # 430-630 (transport) steps; a policy stuck longer adds
                                 # hundreds of copies of one state (often one the expert cannot leave either: a wrist
                                 # at its joint limit), which would outweigh everything else in the data
 

@@ -2,7 +2,9 @@
 
 robosuite (OSC_POSE, 7-D delta action per arm): small phase machines that read object and gripper poses from the
 simulator. Lift, Can and Square use one Panda; TwoArmTransport two (robot0 unpacks the hammer and hands it over,
-robot1 clears the trash and places the hammer). Per-episode randomness (gains, speed caps, hover heights,
+robot1 clears the trash and places the hammer). The Square and Transport experts are stateless -- each action is a
+function of the current simulator state and the episode's sampled parameters, with no phase memory or timers -- so
+they can label any state a learner reaches (DAgger, collect_demos.dagger). Per-episode randomness (gains, speed caps, hover heights,
 waypoint offsets, grasp durations, Gaussian action noise) makes the demonstrations vary like robomimic's
 multi-human ("MH") data (Mandlekar et al. 2021, robomimic, arXiv 2108.03298).
 
@@ -421,29 +423,50 @@ def hammer_pose(transport):
 
 
 class TransportArm(ArmExpert):
-    """One arm of the transport expert. Work is split into stages (which object is handled), each a
-    phase machine built from ArmExpert's phases; `partner` is the other arm (the hand-over couples them).
-    `handover` is where robot0 presents the hammer in the air: its grasp point, handle along y.
-    `grips` = (u, spacing): the arm on the head's side grasps the handle u m from its centre towards the
-    head, the other arm `spacing` further from the head (see hammer_grip_point)."""
+    """One arm of the transport expert, stateless (like SquareExpert): each call reads which object this arm is
+    working on and how far it got from the simulator state -- where the lid, the trash cube and the hammer are,
+    which hand holds what (finger gap closed on that object's width, the grasp point between the fingers), the
+    arms' velocities -- so the clean action is a function of the state and the episode's parameters only, and the
+    expert can label any state a learner reaches (DAgger). The two arms are coupled through the state alone: robot1
+    comes for the hammer when robot0 holds it still at the hand-over point, robot0 lets go once robot1's fingers
+    are closed on the handle, robot1 carries it away once robot0's open hand has risen clear.
+    `handover`: where robot0 presents the hammer in the air (its grasp point, handle along y); `grips` = (u,
+    spacing): the arm on the head's side grasps the handle u m from its centre towards the head, the other arm
+    `spacing` further from the head (hammer_grip_point)."""
+
+    stateless = True
+    # finger gap closed on each object (open 0.079): lid handle 0.020, hammer handle 0.029, trash cube 0.039
+    HELD_GAP = {"lid": (0.014, 0.025), "hammer": (0.022, 0.033), "cube": (0.032, 0.044)}
+    FIRM_GAP = 0.0305  # robot1's fingers have finished closing on the handle (robot0 may let go)
+    STILL = 0.04  # m/s: an arm this slow is holding still
 
     def __init__(self, sim_env, rng, noise, robot: int, handover: np.ndarray, grips: tuple[float, float]):
         self.neutral_yaw, self.side = NEUTRAL_YAW[robot], SIDE[robot]
         self.handover, self.grips = handover, grips
         self.transport = sim_env.transport
         self.partner: TransportArm | None = None
-        self.stage = self.first_stage
         super().__init__(sim_env, rng, noise, robot)
+        self.site_name = self.sim.model.site_id2name(self.site)
 
+    # -- state readers
     def wrist(self, yaw: float, period: float) -> np.ndarray:
         """Top-down orientation at `yaw` modulo the object's symmetry `period`, taking the yaw closest to
         this arm's home wrist yaw (keeps joint 7 far from its limits)."""
         return down_at_yaw(self.neutral_yaw + wrap(yaw - self.neutral_yaw, period))
 
-    def next_stage(self, stage: str, phase: str = "hover", R_grasp=None):
-        """Start the next stage; R_grasp: the orientation of an object still held (None: hand empty)."""
-        self.stage, self.R_grasp = stage, R_grasp
-        self.goto(phase)
+    def eef_speed(self) -> float:
+        return float(np.linalg.norm(self.sim.data.get_site_xvelp(self.site_name)))
+
+    def gap_speed(self) -> float:
+        """Rate of change of the finger gap (m/s; > 0 while the fingers open)."""
+        v = self.sim.data.qvel[self.robot._ref_gripper_joint_vel_indexes["right"]]
+        return float(v[0] - v[1])
+
+    def holds(self, obj: str, point, radius: float = 0.03) -> bool:
+        """The fingers have closed on `obj` (gap within its width's band, neither closing nor opening) with `point`
+        within 3 cm (the grip site sits up to 2 cm off the object's centre once the fingers close)."""
+        lo, hi = self.HELD_GAP[obj]
+        return self.pos_err(point) < radius and lo < self.finger_gap() < hi and abs(self.gap_speed()) < 0.05
 
     def hammer_grip_point(self) -> tuple[np.ndarray, float, np.ndarray]:
         """This arm's grasp point on the hammer handle, the handle's yaw in the world, and the unit handle
@@ -457,26 +480,77 @@ class TransportArm(ArmExpert):
             u -= spacing
         return centre + u * axis, float(np.arctan2(axis[1], axis[0])), -self.side * head_side * axis
 
-    def hammer_extent_centre(self) -> np.ndarray:
-        """Middle of the hammer from handle end to head end (the head sits past the +axis end)."""
-        centre, axis, head = hammer_pose(self.transport)
-        return centre + head * axis
+    def holds_hammer(self, firm: bool = False) -> bool:
+        grip = self.hammer_grip_point()[0]
+        return self.holds("hammer", grip, 0.04) and (not firm or self.finger_gap() < self.FIRM_GAP)
 
-    def policy(self):
-        a = self.common_phases(self.R_grasp if self.R_grasp is not None else down_at_yaw(self.neutral_yaw))
-        if a is not None:
-            if self.phase == self.first_phase:  # re-opened: the next grasp chooses its own orientation
-                self.R_grasp = None
-            return a
-        return getattr(self, f"stage_{self.stage}")()
+    # -- shared motions
+    def approach(self, grasp_pt, R_t, hover_h: float, obj: str, xy_tol: float = 0.008):
+        """Free hand to a grasp point along the approach axis a = R_t's z (down for a top grasp): rise clear if
+        low and off to the side, hover hover_h back along a, come down the axis once on it, close at the point;
+        fingers closed on nothing open again while backing off."""
+        pos, R = self.eef()
+        a = R_t[:, 2]
+        rel = grasp_pt - pos
+        along = float(rel @ a)
+        lateral = float(np.linalg.norm(rel - along * a))
+        gap = self.finger_gap()
+        lo = self.HELD_GAP[obj][0]
+        dist = float(np.linalg.norm(rel))
+        # at the point, or stopped against the object within 2 cm (pads touching it, or the object in the way)
+        at_point = (along < 0.008 and lateral < 0.02) or (dist < 0.03 and along < 0.02 and self.eef_speed() < 0.01)
+        # once the fingers move in they finish closing (but fingers still opening after a release keep opening)
+        closing = self.gap_speed() < -0.005 or (gap < 0.075 and self.gap_speed() < 0.05)
+        if gap > lo and ((closing and dist < 0.04) or at_point):
+            self.phase = "close"  # at the grasp point, or already closing on the object: close in place
+            return self.servo(grasp_pt, R_t, GRIP_CLOSE)
+        if gap < 0.07:
+            self.phase = "reopen"  # closed on nothing or lost the object: open while backing off
+            return self.servo(pos - 0.03 * a, R, GRIP_OPEN)
+        hover = grasp_pt - hover_h * a
+        below = along < hover_h - 0.02  # already on the way down: only gross errors send the hand back up
+        if (lateral < (0.02 if below else xy_tol) and along > -0.01
+                and self.ang_err(R_t) < (0.2 if below else 0.1)):
+            self.phase = "descend"
+            return self.servo(grasp_pt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax)
+        if np.linalg.norm(hover[:2] - pos[:2]) > 0.03 and pos[2] < hover[2] - 0.03:
+            self.phase = "rise"  # low and off to the side (next to a bin wall or an object): straight up first,
+            # 3 cm past the hover height so that the diagonal move to the hover point stays above this branch's bound
+            return self.servo(np.append(pos[:2], hover[2] + 0.03), R_t, GRIP_OPEN)
+        self.phase = "hover"
+        return self.servo(hover, R_t, GRIP_OPEN)
+
+    def move_held(self, d, carry_z, lower_z, lowered: bool, R_t, near: float = 0.02, settle: float = np.inf):
+        """Object in the hand, its drop point d away (xy): lift straight up to carry_z, carry it over, lower it
+        to lower_z while servoing d out (starting only once the hand is slower than `settle` m/s: a swinging load
+        hits the walls; once on the way down, or where the arm cannot bring d under `near`, it goes down with d
+        under 6 cm: a hanging load swings, and the bins are 30 cm wide), open once `lowered`."""
+        pos, _ = self.eef()
+        e = float(np.linalg.norm(d))
+        lowering = pos[2] < carry_z - 0.02
+        stalled = self.eef_speed() < 0.02  # d cannot be servoed out further (the arm's reach, a hanging load)
+        if (e < near and (lowering or self.eef_speed() < settle)) or (e < 0.06 and (lowering or stalled)):
+            if lowered:
+                self.phase = "release"
+                return self.servo(pos, R_t, GRIP_OPEN)
+            self.phase = "lower"
+            return self.servo(np.append(pos[:2] + d, lower_z), R_t, GRIP_CLOSE, vmax=0.6)
+        if pos[2] < carry_z - 0.03 and e > 0.06:
+            self.phase = "lift"
+            return self.servo(np.append(pos[:2], carry_z), R_t, GRIP_CLOSE)
+        self.phase = "carry"
+        return self.servo(np.append(pos[:2] + d, carry_z), R_t, GRIP_CLOSE)
+
+    def idle(self, R_t):
+        """Nothing left to do (an object fell where no arm reaches): hold still, open."""
+        self.phase = "give_up"
+        return self.servo(self.eef()[0], R_t, GRIP_OPEN)
 
 
 class UnpackArm(TransportArm):
     """robot0: lift the lid off the start bin and put it down beside it, pick the hammer by its handle on
     robot0's side of the centre of mass, turn it so the handle points at robot1, present it at the
     hand-over point, let go once robot1 holds the other side, rise clear and back off."""
-
-    first_stage = "lid"
 
     def sample(self):
         r = self.rng
@@ -489,82 +563,68 @@ class UnpackArm(TransportArm):
         self.hammer_hover_h = r.uniform(0.17, 0.21)  # clears the start bin's walls (0.125 m above its floor)
         self.grasp_dz = r.uniform(-0.002, 0.003)
         self.carry_z = r.uniform(1.08, 1.14)
-        self.close_steps = int(r.integers(8, 12))
-        self.open_steps = int(r.integers(5, 9))
         self.descend_vmax = r.uniform(0.4, 0.6)
 
-    def stage_lid(self):
-        handle = self.transport.lid_handle_pos
-        R_lid = self.sim.data.geom_xmat[self.transport.lid_handle_geom_ids[0]].reshape(3, 3)
-        # fingers close across the handle's thin (x) side; the lid is symmetric under a half turn
-        R_t = self.R_grasp if self.R_grasp is not None else self.wrist(body_yaw(R_lid) - np.pi / 2, np.pi)
-        pos, _ = self.eef()
-        if self.phase in ("lift", "carry", "lower") and self.lost(handle, 0.04):
-            self.retry()
-            return self.servo(pos, R_t, GRIP_OPEN)
+    def lid_off(self, handle) -> bool:
+        """The lid rests on the table beside the start bin (not held: the caller checks that first)."""
+        return handle[0] < 0.0 and handle[2] < 0.8 + self.lid_release_h + 0.03  # the start bin is at x ~ +0.2
+
+    def policy(self):
+        self.sim.forward()  # see SquareExpert.policy
+        tr = self.transport
+        pos, R = self.eef()
+        # 1. the lid: off the start bin and down beside it
+        handle = tr.lid_handle_pos
+        R_lid = self.sim.data.geom_xmat[tr.lid_handle_geom_ids[0]].reshape(3, 3)
+        R_t = self.wrist(body_yaw(R_lid) - np.pi / 2, np.pi)  # fingers across the handle's thin side
         grasp_pt = handle + [0.0, 0.0, self.lid_grasp_dz]
-        a = self.grasp_phases(grasp_pt + [0.0, 0.0, self.lid_hover_h], grasp_pt, R_t, 40)
-        if a is not None:
-            return a
-        d = self.lid_drop - handle[:2]
-        a = self.carry_phases(d, self.lid_lift_z, R_t, lift_tol=0.02)
-        if a is not None:
-            return a
-        a = self.release_phases(d, pos[2] + (0.8 + self.lid_release_h - handle[2]),
-                                handle[2] < 0.8 + self.lid_release_h + 0.01 or self.t > 60, R_t, "rise")
-        if a is not None:
-            return a
-        if self.phase == "rise":  # straight up before heading for the hammer: the bin wall is in the way
-            if pos[2] > self.carry_z - 0.03:
-                self.next_stage("hammer")
-            return self.servo(np.append(self.hold[:2], self.carry_z), R_t, GRIP_OPEN)
-        raise ValueError(self.phase)
-
-    def stage_hammer(self):
+        if self.holds("lid", grasp_pt):
+            d = self.lid_drop - handle[:2]
+            return self.move_held(d, self.lid_lift_z, pos[2] + (0.8 + self.lid_release_h - handle[2]),
+                                  handle[2] < 0.8 + self.lid_release_h + 0.01, R_t)
+        if not self.lid_off(handle):
+            return self.approach(grasp_pt, R_t, self.lid_hover_h, "lid")
+        # 2. the hammer
         grip, handle_yaw, _ = self.hammer_grip_point()
-        R_t = self.R_grasp if self.R_grasp is not None else self.wrist(handle_yaw, np.pi)
-        pos, _ = self.eef()
-        if self.phase in ("lift", "bring", "present") and self.lost(grip, 0.04):
-            self.retry()
-            return self.servo(pos, R_t, GRIP_OPEN)
-        grasp_pt = grip + [0.0, 0.0, self.grasp_dz]
-        a = self.grasp_phases(grasp_pt + [0.0, 0.0, self.hammer_hover_h], grasp_pt, R_t, 60, hover_xy_tol=0.006)
-        if a is not None:
-            return a
-        # presenting: handle along world y, our grasp at the hand-over point, robot1's side free
+        if self.partner.holds_hammer(firm=True) or tr.payload_in_target_bin or grip[1] > 0.15:
+            return self.hand_over_done(grip)
         R_present = self.wrist(np.pi / 2, np.pi)
-        present_at = self.handover
-        if self.phase == "lift":
-            if pos[2] > self.carry_z - 0.03:
-                self.goto("bring")
-            return self.servo([self.hold[0], self.hold[1], self.carry_z], R_t, GRIP_CLOSE)
-        if self.phase == "bring":  # (or where the arm stalls, near the edge of its reach)
-            arrived = self.pos_err(present_at) < 0.01 and self.ang_err(R_present) < 0.05
-            if (arrived or self.t > 60) and self.speed < 0.002:
-                self.goto("present")
-            return self.servo(present_at, R_present, GRIP_CLOSE)
-        if self.phase == "present":  # hold still until robot1 has closed on the other end
-            if self.partner.holds_hammer():
-                self.goto("release")
-                self.hold = pos
-            return self.servo(present_at, R_present, GRIP_CLOSE)
-        if self.phase == "release":
-            if self.t >= self.open_steps and self.finger_gap() > 0.06:
-                self.goto("clear")
-            return self.servo(self.hold, R_present, GRIP_OPEN)
-        if self.phase == "clear":  # straight up first: backing off at once drags a head held next to the fingers
-            if pos[2] > self.hold[2] + 0.05:
-                self.goto("retreat")
-            return self.servo(self.hold + [0.0, 0.0, 0.07], R_present, GRIP_OPEN)
-        if self.phase == "retreat":  # back towards the base, out of robot1's way
-            return self.servo(self.hold + [0.0, -0.25, 0.07], R_present, GRIP_OPEN)
-        raise ValueError(self.phase)
+        if self.holds_hammer():
+            if pos[2] < self.carry_z - 0.03 and np.linalg.norm(pos[:2] - self.handover[:2]) > 0.1:
+                self.phase = "lift"  # straight up out of the bin, keeping the grasp orientation
+                return self.servo(np.append(pos[:2], self.carry_z), self.wrist(handle_yaw, np.pi), GRIP_CLOSE)
+            # bring it to the hand-over point, handle along y, and hold it there (or where the arm stalls, near
+            # the edge of its reach) until robot1's fingers are closed on it
+            self.phase = "present" if self.pos_err(self.handover) < 0.01 else "bring"
+            return self.servo(self.handover, R_present, GRIP_CLOSE)
+        if grip[2] < 0.7 or (grip[2] < 0.9 and abs(grip[1] - self.env.table_offsets[0, 1]) > 0.2):
+            return self.idle(R)  # the hammer fell off the table or between the tables: nothing left to do
+        return self.approach(grip + [0.0, 0.0, self.grasp_dz], self.wrist(handle_yaw, np.pi), self.hammer_hover_h,
+                             "hammer", xy_tol=0.006)
 
-    def presenting(self, settle: int) -> bool:
-        return self.stage == "hammer" and self.phase == "present" and self.t >= settle
+    def hand_over_done(self, grip):
+        """robot1 holds the hammer (or it is already on its way): open, rise clear straight up (backing off at
+        once drags a head held next to the fingers), then back off towards the base, out of robot1's way."""
+        pos, _ = self.eef()
+        R_present = self.wrist(np.pi / 2, np.pi)
+        if self.finger_gap() < 0.06 and self.pos_err(grip) < 0.03:
+            self.phase = "release"
+            return self.servo(pos, R_present, GRIP_OPEN)
+        if pos[2] < self.handover[2] + 0.05 and np.linalg.norm(pos[:2] - grip[:2]) < 0.05:
+            self.phase = "clear"
+            return self.servo(pos + [0.0, 0.0, 0.04], R_present, GRIP_OPEN)
+        self.phase = "retreat"
+        return self.servo(self.handover + [0.0, -0.25, 0.07], R_present, GRIP_OPEN)
+
+    def presenting(self) -> bool:
+        """Holding the hammer still at (or stalled near) the hand-over point: robot1 may come for it."""
+        return (self.holds_hammer() and self.pos_err(self.handover) < 0.05 and self.eef()[0][2] > self.carry_z - 0.06
+                and self.eef_speed() < self.STILL)
 
     def let_go(self) -> bool:
-        return self.stage == "hammer" and self.phase == "retreat"
+        """Open and risen clear of the handle."""
+        grip = self.hammer_grip_point()[0]
+        return self.finger_gap() > 0.06 and self.pos_err(grip) > 0.04
 
 
 class ReceiveArm(TransportArm):
@@ -572,108 +632,82 @@ class ReceiveArm(TransportArm):
     the hand-over point, grasp the handle on robot1's side once robot0 presents the hammer, carry it over
     the target bin (servoing the hammer's middle, not the wrist), lower it inside and let go."""
 
-    first_stage = "trash"
-
     def sample(self):
         r = self.rng
         self.trash_hover_h = r.uniform(0.17, 0.21)  # clears the target bin's walls
-        self.trash_grasp_off = np.append(r.uniform(-0.004, 0.004, 2), -0.004 + r.uniform(-0.003, 0.003))
+        # fingertips just off the bin floor: dragging on it pushes the hand off the cube while the fingers close
+        self.trash_grasp_off = np.append(r.uniform(-0.004, 0.004, 2), 0.003 + r.uniform(-0.003, 0.003))
         self.trash_carry_z = r.uniform(1.04, 1.10)
         self.trash_drop = np.array(self.transport.trash_bin_pos[:2]) + r.uniform(-0.03, 0.03, 2)
         self.trash_release_z = r.uniform(0.95, 1.0)
         self.wait_h = r.uniform(0.10, 0.14)  # above the hand-over grasp point while robot0 brings the hammer
-        self.settle = int(r.integers(3, 8))  # steps robot0 holds still before robot1 comes down
         self.lean = r.uniform(0.4, 0.6)  # rad, fingertips towards robot0 at the hand-over
         self.hover_h = r.uniform(0.06, 0.09)
         self.grasp_dz = r.uniform(-0.002, 0.003)
         self.carry_z = r.uniform(1.08, 1.14)
         self.bin_xy = np.array(self.transport.target_bin_pos[:2]) + r.uniform(-0.01, 0.01, 2)
         self.place_z = r.uniform(0.86, 0.88)  # hammer centre at release: ~3 cm above the bin floor
-        self.close_steps = int(r.integers(8, 12))
-        self.open_steps = int(r.integers(5, 9))
         self.descend_vmax = r.uniform(0.4, 0.6)
+        self.trash_name = self.sim.model.body_id2name(self.transport.trash_body_id)
 
-    def holds_hammer(self) -> bool:
-        return self.stage == "handover" and self.phase == "lift" and self.t >= 2
-
-    def stage_trash(self):
-        cube = self.transport.trash_pos
-        R_cube = self.sim.data.body_xmat[self.transport.trash_body_id].reshape(3, 3)
-        R_t = self.R_grasp if self.R_grasp is not None else self.wrist(body_yaw(R_cube), np.pi / 2)
-        pos, _ = self.eef()
-        if self.phase in ("lift", "carry", "lower") and self.lost(cube, 0.04):
-            self.retry()
-            return self.servo(pos, R_t, GRIP_OPEN)
-        grasp_pt = cube + self.trash_grasp_off
-        a = self.grasp_phases(grasp_pt + [0.0, 0.0, self.trash_hover_h], grasp_pt, R_t, 60, hover_xy_tol=0.006)
-        if a is not None:
-            return a
-        d = self.trash_drop - cube[:2]
-        a = self.carry_phases(d, self.trash_carry_z, R_t)
-        if a is not None:
-            return a
-        a = self.release_phases(d, self.trash_release_z, pos[2] < self.trash_release_z + 0.01 or self.t > 40,
-                                R_t, "rise")
-        if a is not None:
-            return a
-        if self.phase == "rise":  # let the cube settle, then check it landed on the bin floor
-            if self.t >= 15:
-                if self.transport.trash_in_trash_bin:
-                    self.next_stage("handover", "wait")
-                else:
-                    self.retry()
-            return self.servo(np.append(self.hold[:2], self.trash_carry_z), R_t, GRIP_OPEN)
-        raise ValueError(self.phase)
-
-    def stage_handover(self):
-        # The hand-over is at the edge of a vertical wrist's reach: lean the fingertips towards robot0 and
-        # come in along them (hover = back off along the approach axis).
+    def policy(self):
+        self.sim.forward()  # see SquareExpert.policy
+        tr = self.transport
+        pos, R = self.eef()
+        # 1. the trash cube into the trash bin
+        if not tr.trash_in_trash_bin:
+            cube = tr.trash_pos
+            R_t = self.wrist(body_yaw(self.sim.data.body_xmat[tr.trash_body_id].reshape(3, 3)), np.pi / 2)
+            grasp_pt = cube + self.trash_grasp_off
+            if self.holds("cube", grasp_pt):
+                d = self.trash_drop - cube[:2]
+                return self.move_held(d, self.trash_carry_z, self.trash_release_z,
+                                      pos[2] < self.trash_release_z + 0.01, R_t)
+            in_bin_area = np.all(np.abs(cube[:2] - tr.trash_bin_pos[:2]) < 0.15)
+            if in_bin_area and np.linalg.norm(self.sim.data.get_body_xvelp(self.trash_name)) > 0.02:
+                self.phase = "drop"  # let go over the bin: rise while it falls in
+                return self.servo(np.append(pos[:2], self.trash_carry_z), R_t, GRIP_OPEN)
+            return self.approach(grasp_pt, R_t, self.trash_hover_h, "cube", xy_tol=0.006)
+        # 2. the hammer: take it from robot0, put it in the target bin
         grip, handle_yaw, inwards = self.hammer_grip_point()
-        R_t = self.R_grasp if self.R_grasp is not None else lean(self.wrist(handle_yaw, np.pi), inwards[:2], self.lean)
-        pos, _ = self.eef()
-        if self.phase == "wait":
-            R_wait = lean(self.wrist(np.pi / 2, np.pi), [0.0, -1.0], self.lean)
-            expected = self.handover + [0.0, self.grips[1], 0.0] - (self.hover_h + self.wait_h) * R_wait[:, 2]
-            if self.partner.presenting(self.settle):
-                self.goto("hover")
-            return self.servo(expected, R_wait, GRIP_OPEN)
-        if self.phase == "lift" and self.lost(grip, 0.04):
-            self.goto("give_up")  # the hammer fell between the tables: nothing left to retry
-            return self.servo(pos, R_t, GRIP_OPEN)
-        grasp_pt = grip + [0.0, 0.0, self.grasp_dz]
-        a = self.grasp_phases(grasp_pt - self.hover_h * R_t[:, 2], grasp_pt, R_t, 40)
-        if self.phase == "lift":  # closed: hold still until robot0 has opened and backed off
-            if self.partner.let_go():
-                self.next_stage("place", "carry", R_grasp=R_t)
-            return self.servo(self.hold, R_t, GRIP_CLOSE)
-        if a is not None:
-            return a
-        raise ValueError(self.phase)
+        in_bin_area = np.all(np.abs(self.hammer_extent_centre()[:2] - tr.target_bin_pos[:2]) < 0.15)
+        if in_bin_area and not self.holds_hammer():
+            self.phase = "retreat"  # let go over the bin: rise while it settles
+            return self.servo(np.append(pos[:2], self.carry_z), R, GRIP_OPEN)
+        # at the hand-over the hammer is at the edge of a vertical wrist's reach: lean the fingertips towards
+        # robot0 and come in along them
+        R_t = lean(self.wrist(handle_yaw, np.pi), inwards[:2], self.lean)
+        if self.holds_hammer():
+            # held: the orientation it was taken in at the hand-over (handle along y, fingertips towards robot0),
+            # not one re-aimed at the hammer's pose: a load that pivots in the hand would be chased round
+            R_t = lean(self.wrist(np.pi / 2, np.pi), [0.0, -1.0], self.lean)
+            if not self.partner.let_go():
+                self.phase = "hold"  # closed on it: hold still until robot0 has opened and risen clear
+                return self.servo(grip + [0.0, 0.0, self.grasp_dz], R_t, GRIP_CLOSE)
+            middle = self.hammer_extent_centre()
+            d = self.bin_xy - middle[:2]
+            lowered = middle[2] < self.place_z + 0.01 or (middle[2] < self.place_z + 0.05 and self.eef_speed() < 0.01)
+            return self.move_held(d, self.carry_z, pos[2] + (self.place_z - middle[2]), lowered, R_t, near=0.015,
+                                  settle=0.08)
+        if grip[2] < 0.7 or grip[1] > 0.1:
+            return self.idle(R)  # dropped (between the tables, or beside the target bin): nothing left to retry
+        if self.partner.presenting() or (self.partner.holds_hammer() and self.pos_err(grip) < self.hover_h + 0.03):
+            return self.approach(grip + [0.0, 0.0, self.grasp_dz], R_t, self.hover_h, "hammer")
+        self.phase = "wait"
+        R_wait = lean(self.wrist(np.pi / 2, np.pi), [0.0, -1.0], self.lean)
+        expected = self.handover + [0.0, self.grips[1], 0.0] - (self.hover_h + self.wait_h) * R_wait[:, 2]
+        return self.servo(expected, R_wait, GRIP_OPEN)
 
-    def stage_place(self):
-        grip, _, _ = self.hammer_grip_point()
-        R_t = self.R_grasp
-        pos, _ = self.eef()
-        middle = self.hammer_extent_centre()
-        d = self.bin_xy - middle[:2]
-        if self.phase in ("carry", "lower") and self.lost(grip, 0.05):
-            self.goto("give_up")
-            return self.servo(pos, R_t, GRIP_OPEN)
-        if self.phase == "carry":
-            if np.linalg.norm(d) < 0.015 and self.speed < 0.004:
-                self.goto("lower")
-            return self.servo(np.append(pos[:2] + d, self.carry_z), R_t, GRIP_CLOSE)
-        lowered = middle[2] < self.place_z + 0.01 or (self.t > 20 and self.speed < 0.0005) or self.t > 80
-        a = self.release_phases(d, pos[2] + (self.place_z - middle[2]), lowered, R_t, "retreat")
-        if a is not None:
-            return a
-        if self.phase == "retreat":
-            return self.servo(np.append(self.hold[:2], self.carry_z), R_t, GRIP_OPEN)
-        raise ValueError(self.phase)
+    def hammer_extent_centre(self) -> np.ndarray:
+        """Middle of the hammer from handle end to head end (the head sits past the +axis end)."""
+        centre, axis, head = hammer_pose(self.transport)
+        return centre + head * axis
 
 
 class TransportExpert:
     """Both arms of TwoArmTransport: robot0 UnpackArm, robot1 ReceiveArm, one 14-D action per step."""
+
+    stateless = True
 
     def __init__(self, sim_env, rng: np.random.Generator, noise: float):
         # robot0's grasp at the hand-over: just short of the middle between the tables (robot0's vertical
@@ -687,10 +721,17 @@ class TransportExpert:
 
     @property
     def phase(self) -> str:
-        """"give_up" once either arm gave up (run_arm_episode stops there), else "<stage>:<phase>" per arm."""
+        """"give_up" once either arm gave up (run_arm_episode stops there), else each arm's branch."""
         if any(arm.phase == "give_up" for arm in self.arms):
             return "give_up"
-        return " | ".join(f"{arm.stage}:{arm.phase}" for arm in self.arms)
+        return " | ".join(arm.phase for arm in self.arms)
+
+    def policy(self) -> np.ndarray:
+        return np.concatenate([arm.policy() for arm in self.arms])
+
+    @property
+    def clean(self) -> np.ndarray:
+        return np.concatenate([arm.clean for arm in self.arms])
 
     def __call__(self) -> np.ndarray:
         return np.concatenate([arm() for arm in self.arms])
