@@ -439,6 +439,10 @@ class TransportArm(ArmExpert):
     HELD_GAP = {"lid": (0.014, 0.025), "hammer": (0.022, 0.033), "cube": (0.032, 0.044)}
     FIRM_GAP = 0.0305  # robot1's fingers have finished closing on the handle (robot0 may let go)
     STILL = 0.04  # m/s: an arm this slow is holding still
+    # xy gain while descending, closing and lowering a load: low over the bins near its base the arm drifts sideways
+    # at up to 3 mm per step under the operational-space controller, which the unit gain leaves at 1.5-3 cm (the
+    # cube is 4 cm wide); three times the gain holds it within 7 mm
+    KP_XY_GRASP = 3.0
 
     def __init__(self, sim_env, rng, noise, robot: int, handover: np.ndarray, grips: tuple[float, float]):
         self.neutral_yaw, self.side = NEUTRAL_YAW[robot], SIDE[robot]
@@ -503,7 +507,7 @@ class TransportArm(ArmExpert):
         closing = self.gap_speed() < -0.005 or (gap < 0.075 and self.gap_speed() < 0.05)
         if gap > lo and ((closing and dist < 0.04) or at_point):
             self.phase = "close"  # at the grasp point, or already closing on the object: close in place
-            return self.servo(grasp_pt, R_t, GRIP_CLOSE)
+            return self.servo(grasp_pt, R_t, GRIP_CLOSE, kp_xy=self.KP_XY_GRASP)
         if gap < 0.07:
             self.phase = "reopen"  # closed on nothing or lost the object: open while backing off
             return self.servo(pos - 0.03 * a, R, GRIP_OPEN)
@@ -512,7 +516,7 @@ class TransportArm(ArmExpert):
         if (lateral < (0.02 if below else xy_tol) and along > -0.01
                 and self.ang_err(R_t) < (0.2 if below else 0.1)):
             self.phase = "descend"
-            return self.servo(grasp_pt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax)
+            return self.servo(grasp_pt, R_t, GRIP_OPEN, vmax_z=self.descend_vmax, kp_xy=self.KP_XY_GRASP)
         if np.linalg.norm(hover[:2] - pos[:2]) > 0.03 and pos[2] < hover[2] - 0.03:
             self.phase = "rise"  # low and off to the side (next to a bin wall or an object): straight up first,
             # 3 cm past the hover height so that the diagonal move to the hover point stays above this branch's bound
@@ -533,8 +537,9 @@ class TransportArm(ArmExpert):
             if lowered:
                 self.phase = "release"
                 return self.servo(pos, R_t, GRIP_OPEN)
-            self.phase = "lower"
-            return self.servo(np.append(pos[:2] + d, lower_z), R_t, GRIP_CLOSE, vmax=0.6)
+            self.phase = "lower"  # the same sideways drift as in a grasp (see KP_XY_GRASP) pulls a lowered load
+            return self.servo(np.append(pos[:2] + d, lower_z), R_t, GRIP_CLOSE, vmax=0.6, vmax_z=0.3,
+                              kp_xy=self.KP_XY_GRASP)
         if pos[2] < carry_z - 0.03 and e > 0.06:
             self.phase = "lift"
             return self.servo(np.append(pos[:2], carry_z), R_t, GRIP_CLOSE)
@@ -642,6 +647,7 @@ class ReceiveArm(TransportArm):
         self.trash_release_z = r.uniform(0.95, 1.0)
         self.wait_h = r.uniform(0.10, 0.14)  # above the hand-over grasp point while robot0 brings the hammer
         self.lean = r.uniform(0.4, 0.6)  # rad, fingertips towards robot0 at the hand-over
+        self.carry_lean = r.uniform(0.0, 0.15)  # rad, the same while carrying the hammer to the target bin
         self.hover_h = r.uniform(0.06, 0.09)
         self.grasp_dz = r.uniform(-0.002, 0.003)
         self.carry_z = r.uniform(1.08, 1.14)
@@ -684,6 +690,9 @@ class ReceiveArm(TransportArm):
             if not self.partner.let_go():
                 self.phase = "hold"  # closed on it: hold still until robot0 has opened and risen clear
                 return self.servo(grip + [0.0, 0.0, self.grasp_dz], R_t, GRIP_CLOSE)
+            # carried with the wrist nearly upright: leaning towards robot0 over the target bin, next to robot1's
+            # base, puts joint 6 at its limit before the hammer is down, and levels the tilted hammer
+            R_t = lean(self.wrist(np.pi / 2, np.pi), [0.0, -1.0], self.carry_lean)
             middle = self.hammer_extent_centre()
             d = self.bin_xy - middle[:2]
             lowered = middle[2] < self.place_z + 0.01 or (middle[2] < self.place_z + 0.05 and self.eef_speed() < 0.01)
