@@ -408,6 +408,20 @@ NEUTRAL_YAW = (np.pi / 2, -np.pi / 2)  # down_at_yaw of each robot's wrist at it
 SIDE = (-1.0, 1.0)  # each robot's side of the gap between the tables (world y sign)
 
 
+# The transport expert's per-episode parameters (hand-over point, waiting point, hover, carry and drop heights, speeds,
+# gains) are drawn from the middle quarter of each range written below. The policy cannot see them, and drawn from
+# the whole ranges they made the clean action at one state differ by 0.19 on average between draws (0.07 for the
+# square expert's), a spread the policy can only average where the grasps need millimetres; the action noise (and
+# the narrowed draws) still vary the demos.
+TRANSPORT_SPREAD = 0.25
+
+
+def middle(rng: np.random.Generator, lo: float, hi: float, size=None, spread: float = TRANSPORT_SPREAD):
+    """Uniform draw from the middle `spread` fraction of [lo, hi]."""
+    mid, half = (lo + hi) / 2, spread * (hi - lo) / 2
+    return rng.uniform(mid - half, mid + half, size)
+
+
 def lean(R: np.ndarray, toward_xy, angle: float) -> np.ndarray:
     """R (pointing down) turned so the fingertips (site z) lean `angle` from vertical towards the horizontal
     direction toward_xy. Turning about the horizontal axis normal to toward_xy keeps fingers that close
@@ -450,6 +464,7 @@ class TransportArm(ArmExpert):
         self.transport = sim_env.transport
         self.partner: TransportArm | None = None
         super().__init__(sim_env, rng, noise, robot)
+        self.kp, self.vmax = middle(rng, 0.8, 1.2), middle(rng, 0.6, 1.0)  # ArmExpert's gain and speed cap, narrowed
         self.site_name = self.sim.model.site_id2name(self.site)
 
     # -- state readers
@@ -559,16 +574,16 @@ class UnpackArm(TransportArm):
 
     def sample(self):
         r = self.rng
-        self.lid_hover_h = r.uniform(0.05, 0.09)
-        self.lid_grasp_dz = r.uniform(-0.004, 0.002)
-        self.lid_lift_z = r.uniform(1.06, 1.12)
+        self.lid_hover_h = middle(r, 0.05, 0.09)
+        self.lid_grasp_dz = middle(r, -0.004, 0.002)
+        self.lid_lift_z = middle(r, 1.06, 1.12)
         # beside the start bin (x ~ +0.2) on the free half of table 0 (the lid is 0.3 m square)
-        self.lid_drop = np.array([-0.2, self.env.table_offsets[0, 1]]) + r.uniform(-0.02, 0.02, 2)
-        self.lid_release_h = r.uniform(0.04, 0.06)  # handle centre above the table top at release
-        self.hammer_hover_h = r.uniform(0.17, 0.21)  # clears the start bin's walls (0.125 m above its floor)
-        self.grasp_dz = r.uniform(-0.002, 0.003)
-        self.carry_z = r.uniform(1.08, 1.14)
-        self.descend_vmax = r.uniform(0.4, 0.6)
+        self.lid_drop = np.array([-0.2, self.env.table_offsets[0, 1]]) + middle(r, -0.02, 0.02, 2)
+        self.lid_release_h = middle(r, 0.04, 0.06)  # handle centre above the table top at release
+        self.hammer_hover_h = middle(r, 0.17, 0.21)  # clears the start bin's walls (0.125 m above its floor)
+        self.grasp_dz = middle(r, -0.002, 0.003)
+        self.carry_z = middle(r, 1.08, 1.14)
+        self.descend_vmax = middle(r, 0.4, 0.6)
 
     def lid_off(self, handle) -> bool:
         """The lid rests on the table beside the start bin (not held: the caller checks that first)."""
@@ -639,21 +654,21 @@ class ReceiveArm(TransportArm):
 
     def sample(self):
         r = self.rng
-        self.trash_hover_h = r.uniform(0.17, 0.21)  # clears the target bin's walls
+        self.trash_hover_h = middle(r, 0.17, 0.21)  # clears the target bin's walls
         # fingertips just off the bin floor: dragging on it pushes the hand off the cube while the fingers close
-        self.trash_grasp_off = np.append(r.uniform(-0.004, 0.004, 2), 0.003 + r.uniform(-0.003, 0.003))
-        self.trash_carry_z = r.uniform(1.04, 1.10)
-        self.trash_drop = np.array(self.transport.trash_bin_pos[:2]) + r.uniform(-0.03, 0.03, 2)
-        self.trash_release_z = r.uniform(0.95, 1.0)
-        self.wait_h = r.uniform(0.10, 0.14)  # above the hand-over grasp point while robot0 brings the hammer
-        self.lean = r.uniform(0.4, 0.6)  # rad, fingertips towards robot0 at the hand-over
-        self.carry_lean = r.uniform(0.0, 0.15)  # rad, the same while carrying the hammer to the target bin
-        self.hover_h = r.uniform(0.06, 0.09)
-        self.grasp_dz = r.uniform(-0.002, 0.003)
-        self.carry_z = r.uniform(1.08, 1.14)
-        self.bin_xy = np.array(self.transport.target_bin_pos[:2]) + r.uniform(-0.01, 0.01, 2)
-        self.place_z = r.uniform(0.86, 0.88)  # hammer centre at release: ~3 cm above the bin floor
-        self.descend_vmax = r.uniform(0.4, 0.6)
+        self.trash_grasp_off = np.append(middle(r, -0.004, 0.004, 2), 0.003 + middle(r, -0.003, 0.003))
+        self.trash_carry_z = middle(r, 1.04, 1.10)
+        self.trash_drop = np.array(self.transport.trash_bin_pos[:2]) + middle(r, -0.03, 0.03, 2)
+        self.trash_release_z = middle(r, 0.95, 1.0)
+        self.wait_h = middle(r, 0.10, 0.14)  # above the hand-over grasp point while robot0 brings the hammer
+        self.lean = middle(r, 0.4, 0.6)  # rad, fingertips towards robot0 at the hand-over
+        self.carry_lean = middle(r, 0.0, 0.15)  # rad, the same while carrying the hammer to the target bin
+        self.hover_h = middle(r, 0.06, 0.09)
+        self.grasp_dz = middle(r, -0.002, 0.003)
+        self.carry_z = middle(r, 1.08, 1.14)
+        self.bin_xy = np.array(self.transport.target_bin_pos[:2]) + middle(r, -0.01, 0.01, 2)
+        self.place_z = middle(r, 0.86, 0.88)  # hammer centre at release: ~3 cm above the bin floor
+        self.descend_vmax = middle(r, 0.4, 0.6)
         self.trash_name = self.sim.model.body_id2name(self.transport.trash_body_id)
 
     def policy(self):
@@ -721,9 +736,9 @@ class TransportExpert:
     def __init__(self, sim_env, rng: np.random.Generator, noise: float):
         # robot0's grasp at the hand-over: just short of the middle between the tables (robot0's vertical
         # wrist reaches y ~ -0.04 at this height; robot1 leans in to reach the other side of the hammer)
-        handover = np.array([rng.uniform(-0.03, 0.03), rng.uniform(-0.07, -0.05), rng.uniform(1.08, 1.14)])
+        handover = np.array([middle(rng, -0.03, 0.03), middle(rng, -0.07, -0.05), middle(rng, 1.08, 1.14)])
         # hammer grasps (see TransportArm.hammer_grip_point): 7-8 cm apart leaves room for both hands
-        grips = (rng.uniform(0.06, 0.07), rng.uniform(0.07, 0.08))
+        grips = (middle(rng, 0.06, 0.07), middle(rng, 0.07, 0.08))
         self.arms = tuple(cls(sim_env, rng, noise, robot, handover, grips)
                           for robot, cls in enumerate((UnpackArm, ReceiveArm)))
         self.arms[0].partner, self.arms[1].partner = self.arms[1], self.arms[0]
