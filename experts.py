@@ -87,8 +87,6 @@ class ArmExpert:
         self.vmax = rng.uniform(0.6, 1.0)
         self.phase, self.t = self.first_phase, 0
         self.retries = 0
-        self.prev_pos = self.eef()[0]
-        self.speed = 0.0  # eef displacement over the last step (m)
         self.R_grasp = None  # wrist orientation while an object is held (set by grasp_phases when it closes)
         self.sample()
 
@@ -104,10 +102,6 @@ class ArmExpert:
     def finger_gap(self) -> float:
         q = self.sim.data.qpos[self.robot._ref_gripper_joint_pos_indexes["right"]]
         return float(q[0] - q[1])
-
-    def lost(self, point, radius: float) -> bool:
-        """The held object slipped: its grasp point left the fingers, or the fingers closed on nothing."""
-        return self.t > 5 and (self.pos_err(point) > radius or self.finger_gap() < 0.01)
 
     def goto(self, phase: str):
         self.phase, self.t = phase, -1  # t is incremented after policy()
@@ -150,9 +144,6 @@ class ArmExpert:
         raise NotImplementedError
 
     def __call__(self) -> np.ndarray:
-        pos = self.eef()[0]
-        self.speed = float(np.linalg.norm(pos - self.prev_pos))
-        self.prev_pos = pos
         a = self.policy()
         self.t += 1
         self.clean = np.clip(a, -1.0, 1.0)  # the noiseless action: DAgger's label (collect_demos.run_dagger_episode)
@@ -708,10 +699,10 @@ class ReceiveArm(TransportArm):
             # carried with the wrist nearly upright: leaning towards robot0 over the target bin, next to robot1's
             # base, puts joint 6 at its limit before the hammer is down, and levels the tilted hammer
             R_t = lean(self.wrist(np.pi / 2, np.pi), [0.0, -1.0], self.carry_lean)
-            middle = self.hammer_extent_centre()
-            d = self.bin_xy - middle[:2]
-            lowered = middle[2] < self.place_z + 0.01 or (middle[2] < self.place_z + 0.05 and self.eef_speed() < 0.01)
-            return self.move_held(d, self.carry_z, pos[2] + (self.place_z - middle[2]), lowered, R_t, near=0.015,
+            centre = self.hammer_extent_centre()
+            d = self.bin_xy - centre[:2]
+            lowered = centre[2] < self.place_z + 0.01 or (centre[2] < self.place_z + 0.05 and self.eef_speed() < 0.01)
+            return self.move_held(d, self.carry_z, pos[2] + (self.place_z - centre[2]), lowered, R_t, near=0.015,
                                   settle=0.08)
         if grip[2] < 0.7 or grip[1] > 0.1:
             return self.idle(R)  # dropped (between the tables, or beside the target bin): nothing left to retry
