@@ -472,6 +472,37 @@ class TransportArm(ArmExpert):
         v = self.sim.data.qvel[self.robot._ref_gripper_joint_vel_indexes["right"]]
         return float(v[0] - v[1])
 
+    # -- joint limits: the operational-space controller knows none, so a servo whose shortest task-space path needs a
+    # joint past its limit pushes it there and stalls for good (a DAgger learner drove robot1's wrist, joint 6, onto
+    # its limit in 15% of the states of the last round, where the unclamped expert could not move it again). The
+    # clamping rule of inverse kinematics (e.g. Baerlocher & Boulic 2004, "An inverse kinematics architecture
+    # enforcing an arbitrary number of strict priority levels"): map the commanded pose change to joint motion, allow
+    # a joint LIMIT_RATE x (its distance to a band LIMIT_BAND inside the limit) towards that limit -- inside the band
+    # that bound is negative, i.e. the joint is moved back out -- and send the pose change the clamped joint motion
+    # makes. Away from the limits the bound is loose and the action is unchanged; it is a function of the state only.
+    LIMIT_BAND = 0.15  # rad
+    LIMIT_RATE = 0.5  # joint motion allowed towards a limit, per rad of distance to the band (per action step)
+
+    def servo(self, tgt_pos, tgt_R, grip, **kw) -> np.ndarray:
+        a = super().servo(tgt_pos, tgt_R, grip, **kw)
+        return np.concatenate([self.clamp_joint_limits(a[:6]), a[6:]])
+
+    def clamp_joint_limits(self, twist: np.ndarray) -> np.ndarray:
+        """The 6-D pose action `twist` changed so that no joint is driven into (and each is driven out of) the band
+        within LIMIT_BAND of its limits; unchanged where no joint bound binds."""
+        rob, d = self.robot, self.sim.data
+        q = d.qpos[rob._ref_joint_pos_indexes]
+        lo, hi = self.sim.model.jnt_range[rob._ref_joint_indexes].T
+        J = np.vstack([d.get_site_jacp(self.site_name).reshape(3, -1),
+                       d.get_site_jacr(self.site_name).reshape(3, -1)])[:, rob._ref_joint_vel_indexes]
+        x = np.concatenate([twist[:3] * POS_SCALE, twist[3:] * ROT_SCALE])  # pose change (m, rad)
+        dq = J.T @ np.linalg.solve(J @ J.T + 1e-4 * np.eye(6), x)  # damped least squares
+        dq_c = np.clip(dq, -self.LIMIT_RATE * (q - lo - self.LIMIT_BAND), self.LIMIT_RATE * (hi - q - self.LIMIT_BAND))
+        if np.array_equal(dq_c, dq):
+            return twist
+        dx = J @ (dq_c - dq)
+        return np.clip(twist + np.concatenate([dx[:3] / POS_SCALE, dx[3:] / ROT_SCALE]), -1.0, 1.0)
+
     def holds(self, obj: str, point, radius: float = 0.03) -> bool:
         """The fingers have closed on `obj` (gap within its width's band, neither closing nor opening) with `point`
         within 3 cm (the grip site sits up to 2 cm off the object's centre once the fingers close)."""

@@ -499,6 +499,36 @@ def test_expert_is_stateless(task_name, steps, branches):
     env.close()
 
 
+def test_transport_expert_leaves_joint_limits():
+    """robot1 put where a DAgger learner left it (forearm turned, wrist joint 6 on its upper limit): the expert's
+    joint-limit clamp moves the wrist off the limit and the arm on; the same expert without the clamp holds the joint on
+    its limit (where it had stalled: a useless oracle there). Away from the limits the clamp changes nothing."""
+    from experts import TransportExpert
+    env = tasks.make_env("transport", seed=3)
+    rob = env.sim_env.robots[1]
+    sim = env.sim_env.sim
+    joints = rob._ref_joint_pos_indexes
+    upper = sim.model.jnt_range[rob._ref_joint_indexes][5, 1]
+    result = {}
+    for clamp in (True, False):
+        env.reset()
+        expert = TransportExpert(env.sim_env, np.random.default_rng(11), noise=0.0)
+        twist = np.array([0.3, -0.2, 0.1, 0.1, -0.1, 0.2])
+        np.testing.assert_array_equal(expert.arms[1].clamp_joint_limits(twist), twist)  # start pose: far from limits
+        sim.data.qpos[joints] = [0.278, 0.568, -0.948, -2.274, -2.335, 3.753, 2.138]
+        sim.data.qvel[:] = 0.0
+        sim.forward()
+        if not clamp:
+            expert.arms[1].clamp_joint_limits = lambda tw: tw
+        start = expert.arms[1].eef()[0]
+        for _ in range(40):
+            env.step(expert())
+        result[clamp] = (upper - sim.data.qpos[joints][5], np.linalg.norm(expert.arms[1].eef()[0] - start))
+    env.close()
+    assert result[True][0] > 0.1 and result[True][1] > 0.2, result   # off the limit (at the band's edge), on its way
+    assert result[False][0] < 0.02, result  # held on the limit
+
+
 class _ZeroPolicy:
     """A learner that always outputs a zero chunk (stands in for a checkpoint's policy); with obs_steps = 2 it checks
     that it is handed (previous state, state)."""
