@@ -30,6 +30,11 @@ that a robomimic file (e.g. a downloaded one) means the same thing in our env, r
 
     python collect_demos.py --check-data FILE [--task can] [--demos 3]   # exit 0 fits, 1 does not, 2 bad file
 
+A DAgger label is only worth imitating where the expert itself can go on. From states of a file's DAgger episodes
+(pretrain.py's <out>/dagger.hdf5), run the expert and count how often it still succeeds:
+
+    python collect_demos.py --check-oracle runs/transport/dagger.hdf5 --demos 16 --points 4
+
 `collect(...)` is the programmatic entry point (used when a default dataset is missing); for locomotion
 its `episodes` argument is ignored (the size is `transitions`). To add a task, register an episode runner
 in RUNNERS (or a TeacherSpec in TEACHERS for a gym task).
@@ -125,7 +130,7 @@ def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: i
     if images:
         raise tasks.TaskError(f"task {task.name} is state-only: drop --images")
     obs = env.reset()
-    order = sample_order(task.subtasks, rng)
+    order = sample_order(task.subtasks, rng, shuffle=task.name != "kitchen-complete")  # D4RL: complete has one order
     expert = KitchenExpert(env.sim_env, order, rng, noise)
     observations, actions, rewards = [], [], []
     terminated, info = False, {"completed": []}
@@ -401,6 +406,64 @@ def dagger(task_name, ckpt, src, out, episodes=50, beta=0.5, workers=2, seed=10_
     return {"task": task.name, "ckpt": str(ckpt), "out": str(out), "episodes": len(eps), "beta": beta,
             "learner_success_rate": successes / max(len(eps), 1), "samples": int(sum(len(ep["actions"]) for ep in eps)),
             "first_demo": names[0] if names else None, "minutes": (time.time() - t0) / 60.0}
+
+
+def check_oracle(path, task_name: str | None = None, episodes: int = 3, points: int = 4, budget: int | None = None,
+                 seed: int = 0, noise: float = 0.05, progress: bool = True) -> dict:
+    """Is the expert a usable DAgger oracle where the learner went? Its label at a state is only worth imitating if
+    the expert can go on from there. For the last `episodes` episodes of the file's mask/dagger (all demos if it
+    has none), at `points` evenly spaced steps of each, the stored sim state is set into a fresh env, a fresh expert
+    (new parameter draws, action noise `noise`) runs for `budget` steps (default: the task's horizon), and whether
+    it reaches success is counted. Returns {"task", "file", "tried", "recovered", "rate", "failed_phases": {phase
+    the expert ended in: count}, "minutes"}; a bad file raises tasks.TaskError."""
+    path = Path(path)
+    if not path.is_file():
+        raise tasks.TaskError(f"{path}: file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise tasks.TaskError(f"{path}: not a readable hdf5 file ({str(e).splitlines()[0][:120]})")
+    with f:
+        if task_name is None:
+            env_name = json.loads(f["data"].attrs.get("env_args", "{}")).get("env_name") if "data" in f else None
+            if env_name not in ROBOSUITE_TASKS:
+                raise tasks.TaskError(f"{path}: cannot tell the task from env_args (env_name {env_name!r}); pass --task")
+            task_name = ROBOSUITE_TASKS[env_name]
+        if not can_label(task_name):
+            raise tasks.TaskError(f"--check-oracle needs a stateless expert; task {task_name} has none")
+        names = ([n.decode() for n in f["mask/dagger"][:]] if "mask/dagger" in f else
+                 tasks.demo_names(f["data"]) if "data" in f else [])
+        if not names:
+            raise tasks.TaskError(f"{path}: no episodes (data/demo_*) to start from")
+        if any("states" not in f[f"data/{n}"] for n in names[-episodes:]):
+            raise tasks.TaskError(f"{path}: episodes without data/<demo>/states (sim states) cannot be restored")
+        starts = [np.asarray(f[f"data/{n}/states"])[[len(f[f"data/{n}/states"]) * (k + 1) // (points + 1)
+                                                      for k in range(points)]] for n in names[-episodes:]]
+    task = tasks.TASKS[task_name]
+    budget = budget or task.max_episode_steps
+    env = tasks.make_env(task, obs_mode="state", seed=seed)
+    rng = np.random.default_rng(seed)
+    recovered, failed, t0 = 0, {}, time.time()
+    states = [s for ep in starts for s in ep]
+    try:
+        for state in tqdm(states, desc=f"{task.name} oracle check", unit="start", disable=not progress):
+            env.reset()
+            env.sim_env.sim.set_state_from_flattened(state)
+            env.sim_env.sim.forward()
+            expert = EXPERTS[task.name](env.sim_env, rng, noise)
+            ok = False
+            for _ in range(budget):
+                action = expert()
+                if env.step(action)[4]["success"]:
+                    ok = True
+                    break
+            recovered += ok
+            if not ok:
+                failed[expert.phase] = failed.get(expert.phase, 0) + 1
+    finally:
+        env.close()
+    return {"task": task.name, "file": str(path), "tried": len(states), "recovered": recovered,
+            "rate": recovered / len(states), "failed_phases": failed, "minutes": (time.time() - t0) / 60.0}
 
 
 def make_missing(task_name, episodes, images, out) -> dict:
@@ -694,7 +757,11 @@ def main():
     p.add_argument("--check-data", metavar="FILE", default=None,
                    help="replay a robomimic hdf5's stored sim states in our env and compare its stored obs with ours "
                         "(exit 0: fits, 1: does not fit, 2: bad file)")
-    p.add_argument("--demos", type=cli.positive_int, default=3, help="--check-data: how many demos to replay (default 3)")
+    p.add_argument("--check-oracle", metavar="FILE", default=None,
+                   help="from states in the file's DAgger episodes (mask/dagger; else its demos), run the expert and "
+                        "count how often it still succeeds: is it a usable DAgger oracle where the learner went?")
+    p.add_argument("--demos", type=cli.positive_int, default=3, help="--check-data: how many demos to replay; --check-oracle: how many (last) episodes to start from (default 3)")
+    p.add_argument("--points", type=cli.positive_int, default=4, help="--check-oracle: evenly spaced start states per episode (default 4)")
     p.add_argument("--tol", type=cli.positive_float, default=CHECK_TOL, help=f"--check-data: tolerance (default {CHECK_TOL:g})")
     p.add_argument("--episodes", type=cli.positive_int, default=100,
                    help="number of successful demos wanted (arm tasks; locomotion uses --transitions)")
@@ -732,10 +799,20 @@ def main():
             raise SystemExit(2)
         print_check(args.check_data, report)
         raise SystemExit(0 if report["fits"] else 1)
+    if args.check_oracle:
+        try:
+            r = check_oracle(args.check_oracle, args.task, args.demos, args.points, seed=args.seed, noise=args.noise)
+        except tasks.TaskError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        print(f"{r['file']}: the {r['task']} expert succeeded from {r['recovered']}/{r['tried']} states "
+              f"({100 * r['rate']:.0f}%) in {r['minutes']:.1f} min; failures ended in {r['failed_phases'] or 'none'}")
+        print(json.dumps(r))
+        raise SystemExit(0)
     if args.dagger:
         raise SystemExit(run_dagger_cli(args))
     if args.task is None:
-        p.error("--task is required (unless --check-data FILE or --dagger CKPT)")
+        p.error("--task is required (unless --check-data FILE, --check-oracle FILE or --dagger CKPT)")
     teacher_kwargs = {}
     if args.task in TEACHERS:
         teacher_kwargs = dict(transitions=args.transitions, teacher_steps=args.teacher_steps, ckpt_every=args.ckpt_every,

@@ -1119,12 +1119,14 @@ SUBTASKS = {"microwave": microwave, "kettle": kettle, "light switch": light_swit
             "slide cabinet": slide_cabinet, "bottom burner": bottom_burner}
 
 
-def sample_order(subtasks, rng: np.random.Generator) -> list:
-    """A random subtask order the expert can do in 280 steps: the two low tasks (microwave, kettle) in either
-    order, then light switch, bottom burner, slide cabinet (those in the set). The low tasks come first
+def sample_order(subtasks, rng: np.random.Generator, shuffle: bool = True) -> list:
+    """A subtask order the expert can do in 280 steps: the two low tasks (microwave, kettle), in random order if
+    `shuffle`, then light switch, bottom burner, slide cabinet (those in the set). The low tasks come first
     because the retreats from the high ones pass where the microwave door and kettle are; the light switch
     is not reached in time after the slide cabinet (from up there) or the burner (the turned wrist needs a
-    joint-space reset, ~18 steps), so the high ones keep that order."""
+    joint-space reset, ~18 steps), so the high ones keep that order. Without `shuffle` it is D4RL
+    kitchen-complete's one order (microwave, kettle, light switch, slide cabinet; Fu et al. 2020, arXiv 2004.07219):
+    every episode starts from the same state, so a random first subtask is a choice the state cannot tell."""
     low = [s for s in ("microwave", "kettle") if s in subtasks]
     high = [s for s in ("light switch", "bottom burner", "slide cabinet") if s in subtasks]
-    return [low[i] for i in rng.permutation(len(low))] + high
+    return [low[i] for i in (rng.permutation(len(low)) if shuffle else range(len(low)))] + high

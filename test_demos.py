@@ -529,6 +529,19 @@ def test_transport_expert_leaves_joint_limits():
     assert result[False][0] < 0.02, result  # held on the limit
 
 
+def test_check_oracle_counts_where_the_expert_goes_on(lift2, tmp_path):
+    """From states of a square demo the expert finishes (given the steps); with one step it cannot, and the phases
+    it stopped in are reported. A task without a stateless expert is refused in one line."""
+    out = tmp_path / "square.hdf5"
+    assert collect("square", 1, out=str(out), workers=1, seed=0, progress=False)["successes"] == 1
+    r = collect_demos.check_oracle(out, "square", episodes=1, points=2, budget=300, progress=False)
+    assert (r["tried"], r["recovered"], r["failed_phases"]) == (2, 2, {})
+    r = collect_demos.check_oracle(out, None, episodes=1, points=2, budget=1, progress=False)  # task from env_args
+    assert r["task"] == "square" and r["recovered"] == 0 and sum(r["failed_phases"].values()) == 2
+    with pytest.raises(tasks.TaskError, match="stateless expert; task lift"):
+        collect_demos.check_oracle(lift2[1], progress=False)
+
+
 class _ZeroPolicy:
     """A learner that always outputs a zero chunk (stands in for a checkpoint's policy); with obs_steps = 2 it checks
     that it is handed (previous state, state)."""
