@@ -408,6 +408,32 @@ def dagger(task_name, ckpt, src, out, episodes=50, beta=0.5, workers=2, seed=10_
             "first_demo": names[0] if names else None, "minutes": (time.time() - t0) / 60.0}
 
 
+def _open_hdf5(path) -> h5py.File:
+    """The file at `path` opened for reading, or a one-line tasks.TaskError."""
+    path = Path(path)
+    if not path.is_file():
+        raise tasks.TaskError(f"{path}: file not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise tasks.TaskError(f"{path}: not a readable hdf5 file ({str(e).splitlines()[0][:120]})")
+
+
+def _recorded_env(f: h5py.File) -> str | None:
+    """The robosuite env name in a robomimic file's data/env_args, None if it has none."""
+    try:
+        return json.loads(f["data"].attrs.get("env_args", "{}")).get("env_name") if "data" in f else None
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _task_from_env(path, env_name) -> str:
+    if env_name not in ROBOSUITE_TASKS:
+        raise tasks.TaskError(f"{path}: cannot tell the task from env_args (env_name {env_name!r}); "
+                              f"pass --task ({', '.join(ROBOSUITE_TASKS.values())})")
+    return ROBOSUITE_TASKS[env_name]
+
+
 def check_oracle(path, task_name: str | None = None, episodes: int = 3, points: int = 4, budget: int | None = None,
                  seed: int = 0, noise: float = 0.05, progress: bool = True) -> dict:
     """Is the expert a usable DAgger oracle where the learner went? Its label at a state is only worth imitating if
@@ -416,19 +442,8 @@ def check_oracle(path, task_name: str | None = None, episodes: int = 3, points: 
     (new parameter draws, action noise `noise`) runs for `budget` steps (default: the task's horizon), and whether
     it reaches success is counted. Returns {"task", "file", "tried", "recovered", "rate", "failed_phases": {phase
     the expert ended in: count}, "minutes"}; a bad file raises tasks.TaskError."""
-    path = Path(path)
-    if not path.is_file():
-        raise tasks.TaskError(f"{path}: file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise tasks.TaskError(f"{path}: not a readable hdf5 file ({str(e).splitlines()[0][:120]})")
-    with f:
-        if task_name is None:
-            env_name = json.loads(f["data"].attrs.get("env_args", "{}")).get("env_name") if "data" in f else None
-            if env_name not in ROBOSUITE_TASKS:
-                raise tasks.TaskError(f"{path}: cannot tell the task from env_args (env_name {env_name!r}); pass --task")
-            task_name = ROBOSUITE_TASKS[env_name]
+    with _open_hdf5(path) as f:
+        task_name = task_name or _task_from_env(path, _recorded_env(f))
         if not can_label(task_name):
             raise tasks.TaskError(f"--check-oracle needs a stateless expert; task {task_name} has none")
         names = ([n.decode() for n in f["mask/dagger"][:]] if "mask/dagger" in f else
@@ -437,16 +452,17 @@ def check_oracle(path, task_name: str | None = None, episodes: int = 3, points: 
             raise tasks.TaskError(f"{path}: no episodes (data/demo_*) to start from")
         if any("states" not in f[f"data/{n}"] for n in names[-episodes:]):
             raise tasks.TaskError(f"{path}: episodes without data/<demo>/states (sim states) cannot be restored")
-        starts = [np.asarray(f[f"data/{n}/states"])[[len(f[f"data/{n}/states"]) * (k + 1) // (points + 1)
-                                                      for k in range(points)]] for n in names[-episodes:]]
+        starts = []
+        for n in names[-episodes:]:
+            states = np.asarray(f[f"data/{n}/states"])
+            starts.extend(states[[len(states) * (k + 1) // (points + 1) for k in range(points)]])
     task = tasks.TASKS[task_name]
     budget = budget or task.max_episode_steps
     env = tasks.make_env(task, obs_mode="state", seed=seed)
     rng = np.random.default_rng(seed)
     recovered, failed, t0 = 0, {}, time.time()
-    states = [s for ep in starts for s in ep]
     try:
-        for state in tqdm(states, desc=f"{task.name} oracle check", unit="start", disable=not progress):
+        for state in tqdm(starts, desc=f"{task.name} oracle check", unit="start", disable=not progress):
             env.reset()
             env.sim_env.sim.set_state_from_flattened(state)
             env.sim_env.sim.forward()
@@ -462,8 +478,8 @@ def check_oracle(path, task_name: str | None = None, episodes: int = 3, points: 
                 failed[expert.phase] = failed.get(expert.phase, 0) + 1
     finally:
         env.close()
-    return {"task": task.name, "file": str(path), "tried": len(states), "recovered": recovered,
-            "rate": recovered / len(states), "failed_phases": failed, "minutes": (time.time() - t0) / 60.0}
+    return {"task": task.name, "file": str(path), "tried": len(starts), "recovered": recovered,
+            "rate": recovered / len(starts), "failed_phases": failed, "minutes": (time.time() - t0) / 60.0}
 
 
 def make_missing(task_name, episodes, images, out) -> dict:
@@ -597,26 +613,12 @@ def check_data(path, task_name: str | None = None, demos: int = 3, tol: float = 
     [dims > tol]}, "legacy": file's object = ours in robosuite 1.5's order, "moved": [(feature, file dims)],
     "fits", "verdict"}. Problems with the file itself raise tasks.TaskError (one line)."""
     path = Path(path)
-    if not path.is_file():
-        raise tasks.TaskError(f"{path}: file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise tasks.TaskError(f"{path}: not a readable hdf5 file ({str(e).splitlines()[0][:120]})")
-    with f:
+    with _open_hdf5(path) as f:
         names = tasks.demo_names(f["data"]) if "data" in f else []
         if not names:
             raise tasks.TaskError(f"{path}: not a robomimic file (no data/demo_*)")
-        env_name = None
-        try:
-            env_name = json.loads(f["data"].attrs.get("env_args", "{}")).get("env_name")
-        except (TypeError, ValueError, AttributeError):
-            pass
-        if task_name is None:
-            if env_name not in ROBOSUITE_TASKS:
-                raise tasks.TaskError(f"{path}: cannot tell the task from env_args (env_name {env_name!r}); "
-                                      f"pass --task ({', '.join(ROBOSUITE_TASKS.values())})")
-            task_name = ROBOSUITE_TASKS[env_name]
+        env_name = _recorded_env(f)
+        task_name = task_name or _task_from_env(path, env_name)
         task = tasks.get_task(task_name)
         if task.suite != "robosuite":
             raise tasks.TaskError(f"--check-data replays robosuite sim states; task {task.name} is not a robosuite task")
