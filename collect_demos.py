@@ -120,28 +120,36 @@ def _pack_episode(ep: dict, obs_seq: list, model_file: str) -> dict:
             "obs": {k: np.stack([o[k] for o in obs_seq]) for k in obs_seq[0]}, "model_file": model_file}
 
 
-def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: int):
+def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: int, policy=None, beta: float = 1.0):
     """One scripted episode on a tasks.KitchenEnv. Returns (episode dict in D4RL columns, success).
 
     success = every subtask holds in the *final* state (the env latches a subtask the first time it is
     within 0.3 of its goal, so a kettle that passes the goal mid-carry and then drops would still count).
     The episode stops when the env terminates (all subtasks latched) or after max_steps.
+    With a `policy`, a DAgger episode (see run_dagger_episode): each chunk is the policy's (one-step `act`, run
+    open-loop) with probability 1 - beta, else the expert's noisy actions, and every step records the expert's
+    clean action at the visited state (the label) instead of the executed one.
     """
     if images:
         raise tasks.TaskError(f"task {task.name} is state-only: drop --images")
     obs = env.reset()
     order = sample_order(task.subtasks, rng, shuffle=task.name != "kitchen-complete")  # D4RL: complete has one order
     expert = KitchenExpert(env.sim_env, order, rng, noise)
+    hist = tasks.ObsHistory(policy.cfg.obs_steps) if policy is not None else None
+    policy_obs = hist.reset(obs) if policy is not None else None
     observations, actions, rewards = [], [], []
-    terminated, info = False, {"completed": []}
-    for _ in range(max_steps):
-        action = expert()
-        observations.append(obs["state"])
-        actions.append(action)
-        obs, reward, terminated, truncated, info = env.step(action)
-        rewards.append(reward)
-        if terminated or truncated:
-            break
+    terminated, truncated, info = False, False, {"completed": []}
+    while len(actions) < max_steps and not (terminated or truncated):
+        chunk = None if policy is None or rng.random() < beta else policy.act(policy_obs)
+        for k in range(1 if chunk is None else len(chunk)):
+            action = expert()
+            observations.append(obs["state"])
+            actions.append(expert.clean if policy is not None else action)
+            obs, reward, terminated, truncated, info = env.step(action if chunk is None else chunk[k])
+            policy_obs = hist.push(obs) if policy is not None else None
+            rewards.append(reward)
+            if terminated or truncated or len(actions) >= max_steps:
+                break
     qpos = env.sim_env.unwrapped.data.qpos
     final = {name: subtask_done(qpos, name) for name in task.subtasks}
     n = len(actions)
@@ -347,7 +355,10 @@ def _dagger_worker(task_name, ckpt, quota, seed, beta, noise, max_steps, emit):
     successes = 0
     with torch.no_grad():
         for _ in range(quota):
-            ep, ok = run_dagger_episode(env, task, rng, policy, beta, noise, max_steps)
+            if task.suite == "kitchen":
+                ep, ok = run_kitchen_episode(env, task, rng, noise, False, max_steps, policy=policy, beta=beta)
+            else:
+                ep, ok = run_dagger_episode(env, task, rng, policy, beta, noise, max_steps)
             successes += ok
             emit("episode", ep)
     env.close()
@@ -356,7 +367,9 @@ def _dagger_worker(task_name, ckpt, quota, seed, beta, noise, max_steps, emit):
 
 def can_label(task_name: str) -> bool:
     """Whether the task's expert is stateless, i.e. can label any state a policy reaches (what DAgger needs)."""
-    return getattr(EXPERTS.get(task_name), "stateless", False)
+    task = tasks.TASKS.get(task_name)
+    expert = KitchenExpert if task is not None and task.suite == "kitchen" else EXPERTS.get(task_name)
+    return getattr(expert, "stateless", False)
 
 
 DAGGER_STEPS = {"square": 300, "transport": 700}  # DAgger episode cap: the demos take 140-300 (square) and
@@ -371,12 +384,13 @@ def dagger(task_name, ckpt, src, out, episodes=50, beta=0.5, workers=2, seed=10_
     seeds seed + 1000*w + i, apart from the demos' and the evaluation's), the expert driving a fraction beta of the
     chunks, label every visited state with the expert (run_dagger_episode), and write `src`'s demos plus the new
     episodes to `out` (may equal src) with mask/dagger listing the new ones and mask/expert the demos
-    (tasks.append_robomimic_hdf5): `--filter-key expert` trains without them. beta > 0 matters early on: a policy
+    (tasks.append_robomimic_hdf5; kitchen: tasks.append_d4rl_hdf5, episode indices): `--filter-key expert` trains
+    without them. beta > 0 matters early on: a policy
     that never grasps only visits the approach, and the expert's chunks carry it on to the later phases, where the
     policy's own chunks then drift and get labelled. Returns a summary dict."""
     task = tasks.get_task(task_name)
     if not can_label(task.name):
-        have = sorted(n for n in EXPERTS if can_label(n))
+        have = sorted(n for n in tasks.TASKS if can_label(n))
         raise tasks.TaskError(f"DAgger needs an expert that can label any state; task {task.name} has none "
                               f"(stateless experts: {', '.join(have)})")
     if not Path(src).is_file():
@@ -401,7 +415,10 @@ def dagger(task_name, ckpt, src, out, episodes=50, beta=0.5, workers=2, seed=10_
     finally:
         bar.close()
     eps = [ep for w in range(workers) for ep in kept[w]]
-    names = tasks.append_robomimic_hdf5(src, out, eps, mask="dagger", base_mask="expert")
+    if task.suite == "kitchen":  # D4RL layout: mask/<key> lists episode indices
+        names = tasks.append_d4rl_hdf5(src, out, kitchen_d4rl_columns(eps), mask="dagger", base_mask="expert")
+    else:
+        names = tasks.append_robomimic_hdf5(src, out, eps, mask="dagger", base_mask="expert")
     successes = sum(s["successes"] for s in stats)
     return {"task": task.name, "ckpt": str(ckpt), "out": str(out), "episodes": len(eps), "beta": beta,
             "learner_success_rate": successes / max(len(eps), 1), "samples": int(sum(len(ep["actions"]) for ep in eps)),
@@ -446,6 +463,9 @@ def check_oracle(path, task_name: str | None = None, episodes: int = 3, points: 
         task_name = task_name or _task_from_env(path, _recorded_env(f))
         if not can_label(task_name):
             raise tasks.TaskError(f"--check-oracle needs a stateless expert; task {task_name} has none")
+        if "data" not in f:
+            raise tasks.TaskError(f"{path}: --check-oracle restores the sim states of a robomimic file "
+                                  f"(data/demo_*/states); this one has none (D4RL layout)")
         names = ([n.decode() for n in f["mask/dagger"][:]] if "mask/dagger" in f else
                  tasks.demo_names(f["data"]) if "data" in f else [])
         if not names:

@@ -2,14 +2,16 @@
 
 robosuite (OSC_POSE, 7-D delta action per arm): small phase machines that read object and gripper poses from the
 simulator. Lift, Can and Square use one Panda; TwoArmTransport two (robot0 unpacks the hammer and hands it over,
-robot1 clears the trash and places the hammer). The Square and Transport experts are stateless -- each action is a
-function of the current simulator state and the episode's sampled parameters, with no phase memory or timers -- so
-they can label any state a learner reaches (DAgger, collect_demos.dagger). Per-episode randomness (gains, speed caps, hover heights,
-waypoint offsets, grasp durations, Gaussian action noise) makes the demonstrations vary like robomimic's
-multi-human ("MH") data (Mandlekar et al. 2021, robomimic, arXiv 2108.03298).
+robot1 clears the trash and places the hammer). The Square, Transport and Kitchen experts are stateless -- each
+action is a function of the current simulator state and the episode's sampled parameters, with no phase memory or
+timers -- so they can label any state a learner reaches (DAgger, collect_demos.dagger). Per-episode randomness
+(gains, speed caps, hover heights, waypoint offsets, grasp durations, Gaussian action noise) makes the
+demonstrations vary like robomimic's multi-human ("MH") data (Mandlekar et al. 2021, robomimic, arXiv 2108.03298).
 
 FrankaKitchen-v1 (9-D joint-velocity-like action): damped-least-squares IK on the MuJoCo model with a gravity
-feed-forward and joint-limit handling, driven by one generator per subtask (kitchen tasks as in D4RL, Fu et al. 2020, arXiv 2004.07219):
+feed-forward and joint-limit handling; the subtask in hand is the first of the episode's order that the state shows
+unfinished, its branch is read from the hand, the fingers and the object's joint (kitchen tasks as in D4RL, Fu et al.
+2020, arXiv 2004.07219):
   * the action a in [-1, 1]^9 sets a position-servo target q_obs + 2*a*dt (q_obs = the noisy observed joint
     positions, dt = 0.08 s); the servos have no gravity compensation and heavy joint damping, so the action is a
     joint velocity scaled by damping/kp plus a gravity feed-forward term;
@@ -399,15 +401,16 @@ NEUTRAL_YAW = (np.pi / 2, -np.pi / 2)  # down_at_yaw of each robot's wrist at it
 SIDE = (-1.0, 1.0)  # each robot's side of the gap between the tables (world y sign)
 
 
-# The transport expert's per-episode parameters (hand-over point, waiting point, hover, carry and drop heights, speeds,
-# gains) are drawn from the middle quarter of each range written below. The policy cannot see them, and drawn from
-# the whole ranges they made the clean action at one state differ by 0.19 on average between draws (0.07 for the
-# square expert's), a spread the policy can only average where the grasps need millimetres; the action noise (and
-# the narrowed draws) still vary the demos.
-TRANSPORT_SPREAD = 0.25
+# The transport and kitchen experts' per-episode parameters (transport: hand-over point, waiting point, hover, carry
+# and drop heights, speeds, gains; kitchen: pre-grasp offsets, grasp heights, speed caps, lift heights) are drawn from
+# the middle quarter of each range written below. The policy cannot see them, and drawn from the whole ranges they
+# made the clean action at one state differ by 0.19 on average between draws for transport (0.07 for the square
+# expert's) and by 0.14 at a kitchen learner's states, a spread the policy can only average where the grasps need
+# millimetres; the action noise (and the narrowed draws) still vary the demos.
+PARAM_SPREAD = 0.25
 
 
-def middle(rng: np.random.Generator, lo: float, hi: float, size=None, spread: float = TRANSPORT_SPREAD):
+def middle(rng: np.random.Generator, lo: float, hi: float, size=None, spread: float = PARAM_SPREAD):
     """Uniform draw from the middle `spread` fraction of [lo, hi]."""
     mid, half = (lo + hi) / 2, spread * (hi - lo) / 2
     return rng.uniform(mid - half, mid + half, size)
@@ -811,8 +814,37 @@ def rot_about(axis, angle: float) -> np.ndarray:
     return Rotation.from_rotvec(angle * np.asarray(axis, dtype=np.float64)).as_matrix()
 
 
+# ---------------------------------------------------------------------------------------------- geometry
+# FrankaKitchen-v1 model, read with mujoco: the microwave handle is a vertical bar on a door hinged about z at
+# microdoorroot (the door opens towards the robot as q22 -> -0.75); the kettle handle a horizontal bar (along x)
+# at kettle_site; the light switch a lever hinged about z whose tip (light_site) moves -x as q17 -> -0.69; the slide
+# cabinet handle a vertical bar that slides +x (q19 -> 0.37); the bottom-burner knob a fin (2.8 cm wide in x, 9.6 cm
+# tall) at knob2_site that turns about the wall normal: q11 -> -0.88 is a rotation of +0.88 rad about world +y.
+PITCH = -0.7  # the bottom-burner approach is pitched 0.7 rad downwards
+# Arm configuration 14 cm in front of the knob's fin, found by the IK from the start pose (a joint-space target that
+# resets the posture before the burner; see KitchenExpert.bottom_burner).
+BURNER_HOME = np.array([-0.61, -0.53, 0.98, -2.21, 0.15, 1.14, 0.38])
+
+
+def kettle_yaw(d) -> float:
+    w, x, y, z = d.qpos[26:30]
+    return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
+
+
 class KitchenExpert:
-    """Generator-driven expert: `expert()` returns the next action (9-D, in [-1, 1])."""
+    """Stateless FrankaKitchen expert: each action is a function of the current MuJoCo state (qpos, qvel) and the
+    episode's parameters (subtask order, offsets, speed caps), as for SquareExpert and TransportExpert, so that it
+    can label any state a learner reaches (DAgger). The subtask in hand is the first one of the order that the state
+    shows unfinished (finished() below); its branch -- approach, insert, close, pull/carry/push, release, back off
+    -- is read from where the hand is relative to the handle, the finger gap and its rate, and the object's joint.
+    `expert()` returns the noisy action (9-D, in [-1, 1]) and sets .clean (the label) and .phase."""
+
+    stateless = True
+    OPEN = 0.072  # finger gap (qpos 7 + 8; 0.08 fully open) above which the hand counts as open
+    # the gap closed on each handle (microwave bar ~0.041, kettle handle ~0.064; on nothing ~0), and whether the
+    # fingers must also have stopped closing: the kettle's band starts just below an open hand's gap, the microwave's
+    # is narrow, and pulling the door jerks the fingers
+    HELD_GAP = {"microwave": (0.02, 0.05, False), "kettle": (0.05, OPEN, True), "bottom burner": (0.01, 0.06, True)}
 
     def __init__(self, sim_env, order, rng: np.random.Generator, noise: float):
         import mujoco
@@ -820,7 +852,7 @@ class KitchenExpert:
         self.mj = mujoco
         self.env = sim_env.unwrapped
         self.m, self.d = self.env.model, self.env.data
-        self.rng, self.noise = rng, noise
+        self.rng, self.noise, self.order = rng, noise, list(order)
         self.site = self.m.site("end_effector").id
         self.kp = self.m.actuator_gainprm[:9, 0].copy()
         # Steady state of a position servo with joint damping b: kp*(target - q) = b*qdot, so a joint
@@ -831,14 +863,25 @@ class KitchenExpert:
         bounds = self.env.robot_env.robot_pos_bound[:7]
         self.lo = np.maximum(self.m.jnt_range[:7, 0], bounds[:, 0])
         self.hi = np.minimum(self.m.jnt_range[:7, 1], bounds[:, 1])
-        self.q_nom = self.d.qpos[ARM].copy()
+        self.q_nom = np.array(self.env.robot_env.init_qpos[ARM])  # the start pose (the IK's null-space target)
         self.q_nom[1] = -1.5  # inside joint 2's range
         self.q_nom[5] = 1.6  # keeps joint 6 off its lower bound (0) when reaching low and forward
-        self.vmax = rng.uniform(0.7, 1.0)  # m/s, per-episode speed cap
         self.jac = (np.zeros((3, self.m.nv)), np.zeros((3, self.m.nv)))
-        self.done_phase = False
-        self.t, self.starts = 0, {}  # steps so far; step at which each subtask began (for diagnostics)
-        self.plan = self._plan(order)
+        def u(lo, hi, size=None):  # see PARAM_SPREAD
+            return middle(rng, lo, hi, size)
+        self.vmax = u(0.7, 1.0)  # m/s, per-episode speed cap
+        # per-subtask parameters: offsets of the pre-grasp point (jit) and of the grasp, speeds, how far to push
+        self.p = {
+            "microwave": dict(jit=u(-0.008, 0.008, 3), pitch=u(0.35, 0.5), dz=u(-0.04, 0.04), lead=u(0.25, 0.35),
+                              vmax=u(0.3, 0.45)),
+            "kettle": dict(jit=u(-0.008, 0.008, 3), dx=u(-0.008, 0.008), lift=u(0.08, 0.12),
+                           goal=u(-0.02, 0.02, 2), vmax=u(0.45, 0.6)),
+            "light switch": dict(jit=u(-0.008, 0.008, 3), dz=u(-0.01, 0.01)),
+            "slide cabinet": dict(jit=u(-0.008, 0.008, 3), dz=u(-0.03, 0.03)),
+            "bottom burner": dict(jit=u(-0.008, 0.008, 3), dz=u(-0.01, 0.01), home=u(-0.05, 0.05, 7),
+                                  turn=u(0.9, 1.0)),
+        }
+        self.phase, self.clean = "start", np.zeros(9)
 
     # ------------------------------------------------------------------ state
     def ee(self):
@@ -847,11 +890,36 @@ class KitchenExpert:
     def site_pos(self, name: str) -> np.ndarray:
         return self.d.site(name).xpos.copy()
 
-    def qpos(self, i: int) -> float:
-        return float(self.d.qpos[i])
+    def gap(self) -> float:
+        return float(self.d.qpos[7] + self.d.qpos[8])
 
-    def jitter(self, scale: float) -> np.ndarray:
-        return self.rng.uniform(-scale, scale, 3)
+    def gap_speed(self) -> float:
+        """Rate of change of the finger gap (m/s, < 0 while closing)."""
+        return float(self.d.qvel[7] + self.d.qvel[8])
+
+    def holds(self, name: str, point, radius: float = 0.03) -> bool:
+        """Fingers closed on `name`'s handle (gap in its band, settled where that matters) with the hand within
+        `radius` of `point`."""
+        lo, hi, settled = self.HELD_GAP[name]
+        return (lo < self.gap() < hi and (not settled or abs(self.gap_speed()) < 0.03)
+                and np.linalg.norm(self.ee()[0] - point) < radius)
+
+    def finished(self, name: str) -> bool:
+        """The subtask is done with a margin past D4RL's 0.3 threshold (subtask_done), read from the state."""
+        q = self.d.qpos
+        if name == "microwave":
+            return q[22] < -0.47  # done below -0.45; the door stalls near -0.5 (joint 6 at its bound)
+        if name == "kettle":  # down on (or, pitched in the hand, touching) the goal burner: time to let go
+            # (carried by its top handle in a friction grip, the kettle pitches back by up to ~30 degrees, its body
+            # up to 12 cm behind the handle; let go, it comes to rest upright)
+            goal = GOALS["kettle"][1]
+            body = self.d.body("kettle").xpos
+            return bool(np.linalg.norm(body[:2] - goal[:2]) < 0.12 and body[2] < goal[2] + 0.045)
+        if name == "light switch":
+            return q[17] < -0.6  # done below -0.39
+        if name == "slide cabinet":
+            return q[19] > 0.38  # done above 0.07
+        return q[11] < -0.75  # bottom burner: done below -0.58
 
     # ------------------------------------------------------------------ control
     def ik(self, p_tgt, R_tgt, grip, vmax=None, wmax=2.0) -> np.ndarray:
@@ -888,235 +956,210 @@ class KitchenExpert:
                 break
             free &= ~bad
         dq[(q - self.lo < 0.0) & (dq < 0)] = 0.0  # never push further past a limit
-        a = np.zeros(9)
-        a[ARM] = dq * self.vel_gain[ARM]
-        # gravity (and Coriolis) feed-forward: the servo force kp*(lead) must hold qfrc_bias
-        a[:9] += self.d.qfrc_bias[:9] / self.kp / (2 * DT)
+        return self._servo(dq, grip)
+
+    def joint_move(self, q_tgt, grip, speed=2.0) -> np.ndarray:
+        """One joint-space step towards the arm configuration q_tgt (rad/s capped at `speed`)."""
+        return self._servo(np.clip((np.asarray(q_tgt) - self.d.qpos[ARM]) / DT, -speed, speed), grip)
+
+    def _servo(self, dq, grip) -> np.ndarray:
+        """The action for joint velocities dq: scaled by damping/kp plus a gravity (and Coriolis) feed-forward (the
+        servo force kp*(lead) must hold qfrc_bias). A motion that needs more than the action range is slowed as a
+        whole, so that the hand keeps its direction (the env clips each joint alone, which bends the path)."""
+        bias = self.d.qfrc_bias[:9] / self.kp / (2 * DT)
+        v = np.asarray(dq) * self.vel_gain[ARM]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            room = np.where(v > 0, (1.0 - bias[ARM]) / v, np.where(v < 0, (-1.0 - bias[ARM]) / v, np.inf))
+        a = bias.copy()
+        a[ARM] += float(np.clip(room.min(), 0.0, 1.0)) * v
         a[7:9] = grip
         return a
 
-    def move(self, p_fn, R_tgt, grip, tol=0.02, rtol=0.15, timeout=40, vmax=None):
-        """Yield IK actions until the pose is reached or timeout; p_fn and R_tgt may be callables."""
-        for _ in range(timeout):
-            p_tgt = p_fn() if callable(p_fn) else p_fn
-            R_t = R_tgt() if callable(R_tgt) else R_tgt
+    def reach(self, pre, grasp, R_t, grip, name: str, tol: float = 0.02, vmax: float = 0.5,
+              rtol: float = 0.15) -> np.ndarray:
+        """Free hand to `grasp` via the pre-grasp point `pre`: inside a cylinder of radius `tol` around the segment
+        pre -> grasp (twice that past its first 3 cm) with the orientation R_t (within 0.15 rad; `rtol` past the first
+        3 cm), come in along it; elsewhere go to `pre` first."""
+        p, _ = self.ee()
+        length = float(np.linalg.norm(grasp - pre))
+        axis = (grasp - pre) / length
+        rel = grasp - p
+        along = float(rel @ axis)
+        lateral = float(np.linalg.norm(rel - along * axis))
+        # entering at the pre-grasp end takes the tolerances; once on the way in, only gross errors send it back
+        entering = along > length - 0.03
+        if (lateral < (tol if entering else 2 * tol) and -0.01 < along < length + 0.02
+                and np.linalg.norm(rot_err(R_t, self.ee()[1])) < (0.15 if entering else rtol)):
+            self.phase = f"{name}:insert"
+            return self.ik(grasp, R_t, grip, vmax=vmax)
+        self.phase = f"{name}:pre"
+        return self.ik(pre, R_t, grip)
+
+    def grasp_branch(self, name, pre, grasp, R_t, held) -> np.ndarray | None:
+        """Open hand to the grasp point via `pre`, close there; None once `held` (the caller moves the object).
+        Fingers closed on nothing open again while backing off towards `pre`."""
+        p, _ = self.ee()
+        gap, lo = self.gap(), self.HELD_GAP[name][0]
+        if held:
+            return None
+        at_point = np.linalg.norm(p - grasp) < 0.012
+        closing = self.gap_speed() < -0.01 and np.linalg.norm(p - grasp) < 0.03
+        if gap > lo and (at_point or closing):
+            self.phase = f"{name}:close"
+            return self.ik(grasp, R_t, -1.0, vmax=0.3)
+        if gap < self.OPEN:
+            self.phase = f"{name}:reopen"  # closed on nothing, or the handle slipped out: open, back off
+            return self.ik(p + 0.04 * (pre - grasp) / np.linalg.norm(pre - grasp), R_t, 1.0, vmax=0.3)
+        return self.reach(pre, grasp, R_t, 1.0, name)
+
+    # ------------------------------------------------------------------ the subtasks
+    def microwave(self) -> np.ndarray:
+        """Grasp the handle from the front, pitched down, then lead it around the hinge until the door is open."""
+        d, par = self.d, self.p["microwave"]
+        hinge = d.body("microdoorroot").xpos
+        h = self.site_pos("microhandle_site")
+        Rh = d.site("microhandle_site").xmat.reshape(3, 3)  # x along the door, y into the microwave
+        # a level approach at the handle's height drives joint 6 into its lower bound (0) as the door swings open
+        R_grip = rot_about(Rh[:, 0], -par["pitch"]) @ Rh @ R_FWD
+        depth = Rh[:, 1]
+        grasp = h + 0.015 * depth + [0.0, 0.0, par["dz"]]
+        held = self.holds("microwave", grasp, 0.05)  # the hand trails the handle by up to ~4 cm while pulling
+        a = self.grasp_branch("microwave", grasp - 0.135 * depth + par["jit"], grasp, R_grip, held)
+        if a is not None:
+            return a
+        self.phase = "microwave:pull"  # the grasp point rotated about the hinge by -lead (opening is -angle)
+        tgt = hinge + rot_z(-par["lead"]) @ (grasp - hinge)
+        tgt[2] = grasp[2]
+        return self.ik(tgt, rot_z(-par["lead"]) @ R_grip, -1.0, vmax=par["vmax"])
+
+    def kettle_grip_R(self) -> np.ndarray:
+        """The gripper turned by the kettle's yaw error (bounded), relative to the gripper's own yaw: the kettle
+        hangs from a friction grip and yaws during the carry, and its goal includes the orientation."""
+        goal = GOALS["kettle"][1]
+        goal_yaw = float(2 * np.arctan2(goal[6], goal[3]))
+        _, R = self.ee()
+        yaw_now = float(np.arctan2(-R[0, 2], R[1, 2]))
+        return rot_z(float(np.clip(yaw_now + 0.7 * (goal_yaw - kettle_yaw(self.d)), -0.5, 0.5))) @ R_KFWD
+
+    def kettle(self) -> np.ndarray:
+        """Front grasp of the handle bar (fingers above and below it), lift, carry to the goal burner, lower."""
+        d, par = self.d, self.p["kettle"]
+        goal = np.asarray(GOALS["kettle"][1])
+        site = self.site_pos("kettle_site")
+        body = d.body("kettle").xpos
+        grasp = site + [par["dx"], 0.0, 0.0]
+        held = self.holds("kettle", site, 0.03)
+        a = self.grasp_branch("kettle", site + [0.0, -0.14, 0.03] + par["jit"], grasp, R_KFWD, held)
+        if a is not None:
+            return a
+        p, _ = self.ee()
+        # the handle at the goal pose (the goal is the body's): its offset in the kettle's frame is fixed
+        R_body = d.body("kettle").xmat.reshape(3, 3)
+        R_goal = Rotation.from_quat(goal[3:], scalar_first=True).as_matrix()
+        goal_site = np.r_[goal[:2] + par["goal"], goal[2]] + R_goal @ R_body.T @ (site - body)
+        carry = goal_site + [0.0, 0.0, par["lift"]]
+        off = float(np.linalg.norm(goal_site[:2] - site[:2]))
+        if off < 0.02 or (off < 0.05 and site[2] < carry[2] - 0.02):  # over the goal, or already on the way down
+            self.phase = "kettle:lower"  # until it is down (finished: leave() opens the hand)
+            return self.ik(goal_site + [0.0, 0.0, -0.01], self.kettle_grip_R(), -1.0, vmax=0.4)
+        if body[2] < goal[2] + 0.04 and off > 0.05:
+            self.phase = "kettle:lift"  # straight up off the burner it stands on
+            return self.ik(np.r_[p[:2], carry[2]], R_KFWD, -1.0, vmax=0.5)
+        self.phase = "kettle:carry"  # the hand (on the handle) to above the goal, the kettle hanging from it
+        return self.ik(carry, self.kettle_grip_R(), -1.0, vmax=par["vmax"])
+
+    def push(self, name, site: str, side: float, sign: float) -> np.ndarray:
+        """Closed gripper: come in beside the handle (side * 6 cm along x), then push it along sign * x."""
+        par = self.p[name]
+        h = self.site_pos(site)
+        p, _ = self.ee()
+        start = h + [side * 0.06, 0.0, par["dz"]]
+        if abs(p[1] - h[1]) < 0.03 and abs(p[2] - start[2]) < 0.03 and -0.04 < side * (p[0] - h[0]) < 0.09:
+            self.phase = f"{name}:push"  # tracking the handle 6 cm ahead
+            return self.ik(np.r_[h[0] + sign * 0.06, start[1:]], R_FWD, -1.0, vmax=0.5 if sign < 0 else 0.6)
+        # a closed hand pushes: its orientation matters less than a grasp's
+        return self.reach(start + [0.0, -0.10, 0.0] + par["jit"], start, R_FWD, -1.0, name, vmax=self.vmax, rtol=0.4)
+
+    def light_switch(self) -> np.ndarray:
+        """Closed gripper: come in to the right of the lever tip, then push it towards -x."""
+        return self.push("light switch", "light_site", +1.0, -1.0)
+
+    def slide_cabinet(self) -> np.ndarray:
+        """Closed gripper: come in to the left of the handle bar, then push it towards +x."""
+        return self.push("slide cabinet", "slide_site", -1.0, +1.0)
+
+    def bottom_burner(self) -> np.ndarray:
+        """Pinch the knob's fin from the front (fingers open along x), then roll the wrist about +y."""
+        par = self.p["bottom burner"]
+        fin = self.site_pos("knob2_site")
+        # pitched down: level, joint 6 hits its upper bound before the fingers reach the fin
+        R_grip = rot_about([1, 0, 0], PITCH) @ R_FWD
+        back = -R_grip[:, 2]
+        grasp = fin + 0.04 * back + [0.0, 0.0, par["dz"]]
+        pre = grasp + 0.10 * back + par["jit"]
+        if self.holds("bottom burner", grasp, 0.03):
+            self.phase = "bottom burner:turn"
+            return self.ik(grasp, rot_about([0, 1, 0], par["turn"]) @ R_grip, -1.0, wmax=1.5)
+        p, _ = self.ee()
+        home = BURNER_HOME + par["home"]
+        # Cartesian IK from wherever the last subtask left the arm (e.g. after the kettle: wrist wound up, joint 5
+        # near its limit) often cannot reach the fin and turn it: a joint-space move to the arm configuration of
+        # the pre-grasp pose resets the posture first
+        along = float(np.clip((p - pre) @ (grasp - pre) / np.sum((grasp - pre) ** 2), 0.0, 1.0))
+        off_path = np.linalg.norm(p - (pre + along * (grasp - pre))) > 0.06  # away from the pre-grasp -> grasp segment
+        if off_path and np.abs(self.d.qpos[ARM] - home).max() > 0.12:
+            self.phase = "bottom burner:posture"
+            return self.joint_move(home, 1.0)
+        return self.grasp_branch("bottom burner", pre, grasp, R_grip, False)
+
+    def leave(self, name) -> np.ndarray | None:
+        """After a finished subtask, while the hand is still at its handle: open in place, then back off (so the
+        next approach does not drag the object along). None once clear."""
+        p, R = self.ee()
+        if name == "microwave":
+            Rh = self.d.site("microhandle_site").xmat.reshape(3, 3)
+            h, out = self.site_pos("microhandle_site"), -Rh[:, 1]
+        elif name == "kettle":  # straight out along the kettle's own -y (a yawed kettle's post is in the way)
+            h = self.site_pos("kettle_site")
+            out = -self.d.body("kettle").xmat.reshape(3, 3)[:, 1]
+            out[2] = 0.0
+            out /= np.linalg.norm(out)
+        elif name == "bottom burner":  # along the turned gripper's own axis: open fingers would drag the fin back
+            h = self.site_pos("knob2_site")
+            out = -R[:, 2]
+        else:  # the pushed handles: straight back towards the robot
+            h, out = self.site_pos({"light switch": "light_site", "slide cabinet": "slide_site"}[name]), np.array(
+                [0.0, -1.0, 0.0])
+        if np.linalg.norm(p - h) > 0.11 or (p - h) @ out > 0.09:
+            return None
+        if name in self.HELD_GAP and (self.gap() < self.OPEN or self.gap_speed() > 0.01):
+            # let go fully before backing off: the fingers open slowly (time constant ~0.2 s)
+            self.phase = f"{name}:release"
+            return self.ik(p, R, 1.0, vmax=0.1)
+        self.phase = f"{name}:back"
+        return self.ik(h + 0.14 * out, R, 1.0 if name in self.HELD_GAP else -1.0, vmax=0.35)
+
+    def policy(self) -> np.ndarray:
+        """The clean action at the current state; sets .phase ("<subtask>:<branch>", or "done")."""
+        self.mj.mj_forward(self.m, self.d)  # site poses of the current state (mj_step leaves them one step old)
+        todo = [name for name in self.order if not self.finished(name)]
+        done = [name for name in self.order if name not in todo]
+        for name in done[::-1]:
+            a = self.leave(name)
+            if a is not None:
+                return a
+        if not todo:
+            self.phase = "done"  # idle in place until the episode ends
             p, R = self.ee()
-            if np.linalg.norm(p_tgt - p) < tol and np.linalg.norm(rot_err(R_t, R)) < rtol:
-                return
-            yield self.ik(p_tgt, R_t, grip, vmax)
-
-    def joint_move(self, q_tgt, grip, tol=0.12, timeout=18, speed=2.0):
-        """Yield joint-space actions towards the arm configuration q_tgt (rad/s capped at `speed`)."""
-        for _ in range(timeout):
-            err = np.asarray(q_tgt) - self.d.qpos[ARM]
-            if np.abs(err).max() < tol:
-                return
-            a = np.zeros(9)
-            a[ARM] = np.clip(err / DT, -speed, speed) * self.vel_gain[ARM]
-            a[:9] += self.d.qfrc_bias[:9] / self.kp / (2 * DT)
-            a[7:9] = grip
-            yield a
-
-    def hold(self, p_tgt, R_tgt, grip, steps):
-        for _ in range(steps):
-            yield self.ik(p_tgt, R_tgt, grip)
-
-    # ------------------------------------------------------------------ plan
-    def _plan(self, order):
-        for name in order:
-            self.starts[name] = self.t
-            yield from SUBTASKS[name](self)
-        self.done_phase = True
-        while True:  # idle in place until the episode ends
-            p, R = self.ee()
-            yield self.ik(p, R, 1.0)
+            return self.ik(p, R, 1.0)
+        return getattr(self, todo[0].replace(" ", "_"))()
 
     def __call__(self) -> np.ndarray:
-        a = next(self.plan)
-        self.t += 1
+        self.clean = np.clip(self.policy(), -1.0, 1.0)  # the noiseless action: DAgger's label
+        a = self.clean
         if self.noise > 0:
             a = a + self.rng.normal(0.0, self.noise, 9) * np.r_[np.ones(7), 0, 0]
         return np.clip(a, -1.0, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------- subtasks
-# Each is a generator of actions. Geometry (FrankaKitchen-v1 model, read with mujoco): the microwave handle is
-# a vertical bar on a door hinged about z at microdoorroot (the door opens towards the robot as q22 -> -0.75);
-# the kettle handle a horizontal bar (along x, radius 3.2 cm) at kettle_site; the light switch a lever hinged
-# about z whose tip (light_site) moves -x as q17 -> -0.69; the slide cabinet handle a vertical bar that
-# slides +x (q19 -> 0.37); the bottom-burner knob a fin (2.8 cm wide in x, 9.6 cm tall) at knob2_site that
-# turns about the wall normal: q11 -> -0.88 is a rotation of +0.88 rad about world +y.
-PITCH = -0.7  # the bottom-burner approach is pitched 0.7 rad downwards
-# Arm configurations at pre-grasp poses, found by the IK from the start pose (joint-space targets that reset
-# the posture before a subtask; see bottom_burner).
-BURNER_HOME = np.array([-0.61, -0.53, 0.98, -2.21, 0.15, 1.14, 0.38])  # 14 cm in front of the knob's fin
-LIGHT_HOME = np.array([-1.01, -1.15, 1.36, -2.47, 0.10, 1.97, 1.01])  # 7 cm right of, 10 cm before the lever tip
-
-
-def microwave(ex: KitchenExpert):
-    """Grasp the handle from the front, then lead it around the hinge until the door is well open."""
-    d = ex.d
-    hinge = d.body("microdoorroot").xpos.copy()
-
-    def handle_frame():  # handle site frame: x along the door, y into the microwave
-        return d.site("microhandle_site").xmat.reshape(3, 3).copy()
-
-    # Approach along the door normal, fingers open along the door, pitched down by `pitch`: a level approach
-    # at the handle's height drives joint 6 into its lower bound (0) as the door swings open.
-    pitch = ex.rng.uniform(0.35, 0.5)
-
-    def grip_frame():
-        Rh = handle_frame()
-        return rot_about(Rh[:, 0], -pitch) @ Rh @ R_FWD
-
-    R0 = handle_frame()
-    R_grip = grip_frame()
-    handle = ex.site_pos("microhandle_site")
-    depth = R0[:, 1]
-    yield from ex.move(handle - 0.12 * depth + ex.jitter(0.01), R_grip, 1.0, tol=0.02, timeout=30)
-    grasp = handle + 0.015 * depth + np.r_[0, 0, ex.rng.uniform(-0.04, 0.04)]
-    yield from ex.move(grasp, R_grip, 1.0, tol=0.01, timeout=20, vmax=0.5)
-    yield from ex.hold(grasp, R_grip, -1.0, 4)
-    # The goal is -0.75 (done below -0.45). Joint 6 reaches its bound near -0.5, where the door stalls.
-    stop, lead, vmax = ex.rng.uniform(-0.6, -0.52), ex.rng.uniform(0.25, 0.35), ex.rng.uniform(0.3, 0.45)
-    z = grasp[2]
-    history = []
-    for _ in range(45):
-        q = ex.qpos(22)
-        history.append(q)
-        h = ex.site_pos("microhandle_site")
-        stalled = q < -0.48 and len(history) > 3 and history[-4] - q < 0.01
-        if q < stop or stalled or np.linalg.norm((ex.ee()[0] - h)[:2]) > 0.05:  # or the handle slipped out
-            break
-        # the handle's grasp point rotated about the hinge by -lead (the door opens towards -angle)
-        tgt = hinge + rot_z(-lead) @ (h + 0.015 * handle_frame()[:, 1] - hinge)
-        tgt[2] = z
-        yield ex.ik(tgt, rot_z(-lead) @ grip_frame(), -1.0, vmax=vmax)
-    p, _ = ex.ee()
-    yield from ex.hold(p, grip_frame(), 1.0, 3)
-    yield from ex.move(p - 0.10 * handle_frame()[:, 1], grip_frame(), 1.0, tol=0.03, timeout=10)
-    # a via point that keeps the arm clear of the kettle and, on the way to the next subtask, of the door
-    yield from ex.move(np.array([-0.35, 0.18, 2.0]) + ex.jitter(0.02), R_FWD, 1.0, tol=0.07, rtol=0.5, timeout=15)
-
-
-def kettle_yaw(d) -> float:
-    w, x, y, z = d.qpos[26:30]
-    return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
-
-
-def kettle(ex: KitchenExpert):
-    """Front grasp of the handle bar (fingers above and below it), lift, carry to the goal, set down.
-
-    The kettle hangs from a friction grip and yaws during the carry; its goal includes the orientation
-    (quaternion (0.99, 0, 0, -0.06), yaw -0.12 rad), and a yawed kettle swings a handle post into the path
-    of the lower finger on the way out. So the gripper's yaw servoes the kettle's yaw towards the goal, and
-    the retreat follows the kettle's own -y axis.
-    """
-    d = ex.d
-    goal = np.array(GOALS["kettle"][1])
-    goal_yaw = float(2 * np.arctan2(goal[6], goal[3]))
-    site = ex.site_pos("kettle_site")
-    offset = site - d.body("kettle").xpos  # handle relative to the kettle body (the goal is the body's)
-    yaw_cmd = [0.0]
-
-    def grip(track: bool):
-        if track:  # turn the gripper by the kettle's yaw error (bounded), relative to the gripper's own yaw
-            _, R = ex.ee()
-            yaw_now = float(np.arctan2(-R[0, 2], R[1, 2]))
-            yaw_cmd[0] = float(np.clip(yaw_now + 0.7 * (goal_yaw - kettle_yaw(d)), -0.5, 0.5))
-        return rot_z(yaw_cmd[0]) @ R_KFWD
-
-    for _ in range(2):  # one re-grasp if the kettle did not come up with the gripper
-        site = ex.site_pos("kettle_site")
-        yield from ex.move(site + np.r_[0, -0.14, 0.03] + ex.jitter(0.01), R_KFWD, 1.0, tol=0.02, timeout=30)
-        grasp = site + np.r_[ex.rng.uniform(-0.008, 0.008), 0.0, 0.0]
-        yield from ex.move(grasp, R_KFWD, 1.0, tol=0.012, timeout=20, vmax=0.5)
-        yield from ex.hold(grasp, R_KFWD, -1.0, 4)
-        z0, lift = d.body("kettle").xpos[2], ex.rng.uniform(0.08, 0.12)
-        yield from ex.move(grasp + [0, 0, lift], R_KFWD, -1.0, tol=0.02, timeout=15, vmax=0.5)
-        if d.body("kettle").xpos[2] > z0 + 0.03:
-            break
-        p, _ = ex.ee()
-        yield from ex.hold(p, R_KFWD, 1.0, 4)
-        yield from ex.move(p + [0, -0.10, 0.02], R_KFWD, 1.0, tol=0.03, timeout=10)
-    goal_site = goal[:3] + offset + np.r_[ex.rng.uniform(-0.02, 0.02), ex.rng.uniform(-0.02, 0.02), 0]
-    vmax = ex.rng.uniform(0.45, 0.6)
-    yield from ex.move(goal_site + [0, 0, lift], lambda: grip(True), -1.0, tol=0.02, timeout=40, vmax=vmax)
-    for _ in range(20):  # lower until the kettle rests on the stove (body z 1.62, the goal's height)
-        if d.body("kettle").xpos[2] < goal[2] + 0.004:
-            break
-        yield ex.ik(goal_site + [0, 0, -0.01], grip(True), -1.0, vmax=0.4)
-    p, _ = ex.ee()
-    # Let go fully before backing off: the fingers open slowly (time constant ~0.2 s), and pulling back
-    # with the handle still pinched drags the kettle off the stove or lifts it away on the fingers.
-    yield from ex.hold(p, grip(False), 1.0, 6)
-    back = -d.body("kettle").xmat.reshape(3, 3)[:, 1]
-    back[2] = 0.0
-    back /= np.linalg.norm(back)
-    yield from ex.move(p + 0.15 * back, grip(False), 1.0, tol=0.015, timeout=15, vmax=0.35)
-    yield from ex.move(p + 0.16 * back + [0, 0, 0.08], R_KFWD, 1.0, tol=0.04, timeout=10)
-
-
-def push_along_x(ex: KitchenExpert, site: str, qpos_index: int, stop: float, sign: float, vmax: float):
-    """Closed gripper already beside the handle: push along sign * x (tracking the site 6 cm behind it) until the
-    joint qpos[qpos_index] passes `stop` in that direction (30 steps at most), then back off 10 cm along -y."""
-    for _ in range(30):
-        if sign * (ex.qpos(qpos_index) - stop) > 0:
-            break
-        p, _ = ex.ee()
-        yield ex.ik(np.r_[ex.site_pos(site)[0] + sign * 0.06, p[1], p[2]], R_FWD, -1.0, vmax=vmax)
-    p, _ = ex.ee()
-    yield from ex.move(p + [0, -0.10, 0], R_FWD, -1.0, tol=0.03, timeout=10)
-
-
-def light_switch(ex: KitchenExpert):
-    """Closed gripper: come in to the right of the lever tip, then push it towards -x."""
-    tip = ex.site_pos("light_site")
-    if list(ex.starts)[-2:-1] == ["bottom burner"]:  # the turned wrist: reset the posture (see bottom_burner)
-        yield from ex.joint_move(LIGHT_HOME + ex.rng.uniform(-0.05, 0.05, 7), -1.0)
-    yield from ex.move(tip + np.r_[0.07, -0.10, 0.0] + ex.jitter(0.01), R_FWD, -1.0, tol=0.025, timeout=30)
-    yield from ex.move(tip + np.r_[0.06, 0.0, ex.rng.uniform(-0.01, 0.01)], R_FWD, -1.0, tol=0.015, timeout=15)
-    yield from push_along_x(ex, "light_site", 17, ex.rng.uniform(-0.68, -0.62), -1.0, vmax=0.5)
-
-
-def slide_cabinet(ex: KitchenExpert):
-    """Closed gripper: come in to the left of the handle bar, then push it towards +x."""
-    h = ex.site_pos("slide_site")
-    yield from ex.move(h + np.r_[-0.06, -0.10, 0.0] + ex.jitter(0.01), R_FWD, -1.0, tol=0.025, timeout=30)
-    yield from ex.move(h + np.r_[-0.06, 0.0, ex.rng.uniform(-0.03, 0.03)], R_FWD, -1.0, tol=0.015, timeout=15)
-    yield from push_along_x(ex, "slide_site", 19, ex.rng.uniform(0.40, 0.43), +1.0, vmax=0.6)
-
-
-def bottom_burner(ex: KitchenExpert):
-    """Pinch the knob's fin from the front (fingers open along x), then roll the wrist about +y."""
-    fin = ex.site_pos("knob2_site")
-    # Pitched down: level, joint 6 hits its upper bound before the fingers reach the fin.
-    R_grip = rot_about([1, 0, 0], PITCH) @ R_FWD
-    # Cartesian IK from wherever the last subtask left the arm (e.g. after the kettle: wrist wound up, joint
-    # 5 near its limit) often cannot reach the fin and turn it; a joint-space move to the arm configuration
-    # of the pre-grasp pose (found by IK from the start pose) resets the posture first.
-    yield from ex.joint_move(BURNER_HOME + ex.rng.uniform(-0.05, 0.05, 7), 1.0)
-    back = -R_grip[:, 2]
-    grasp = fin + 0.04 * back + np.r_[0.0, 0.0, ex.rng.uniform(-0.01, 0.01)]
-    yield from ex.move(grasp + 0.10 * back + ex.jitter(0.01), R_grip, 1.0, tol=0.02, timeout=30)
-    yield from ex.move(grasp, R_grip, 1.0, tol=0.01, timeout=15, vmax=0.4)
-    yield from ex.hold(grasp, R_grip, -1.0, 4)
-    target = ex.rng.uniform(0.9, 1.0)
-    history = []
-    for _ in range(25):
-        history.append(ex.qpos(11))
-        stalled = history[-1] < -0.7 and len(history) > 3 and history[-1] - history[-4] > -0.01
-        if ex.qpos(11) < -min(target - 0.05, 0.78) or stalled:  # done below -0.58; stop near the goal, -0.88
-            break
-        yield ex.ik(grasp, rot_about([0, 1, 0], target) @ R_grip, -1.0, wmax=1.5)
-    R_turned = rot_about([0, 1, 0], target) @ R_grip
-    yield from ex.hold(grasp, R_turned, 1.0, 4)
-    # straight out along the turned gripper's own axis, so the open fingers do not drag the fin back
-    yield from ex.move(grasp - 0.10 * R_turned[:, 2], R_turned, 1.0, tol=0.05, timeout=10)
-
-
-SUBTASKS = {"microwave": microwave, "kettle": kettle, "light switch": light_switch,
-            "slide cabinet": slide_cabinet, "bottom burner": bottom_burner}
 
 
 def sample_order(subtasks, rng: np.random.Generator, shuffle: bool = True) -> list:

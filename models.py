@@ -406,11 +406,18 @@ class MeanFlowPolicy(nn.Module):
         cache[key] = (stamp, val, [d.detach() for d in deps])
         return val
 
+    # A state dimension that the data barely moves is treated as constant. In FrankaKitchen the objects no subtask
+    # touches (burner knobs, hinge cabinet) vary only by the env's observation noise (spans ~1e-4), which carries
+    # nothing to imitate, while min/max scaling would blow a small bump by the policy up to 10^4 (DAgger rollouts
+    # reached 4e4). Robosuite and gym data move every state dimension by more than 1e-3.
+    STATE_SPAN_MIN = 1e-3
+
     def _norm_coefs(self, name, lo, hi):
-        """x_n = (x - lo) * scale + off with scale = 2 / (hi - lo), off = -1, or 0 and 0 on constant dims."""
+        """x_n = (x - lo) * scale + off with scale = 2 / (hi - lo), off = -1, or 0 and 0 on constant dims (state
+        dims spanning less than STATE_SPAN_MIN count as constant)."""
         def build():
             span = hi - lo
-            keep = span > 1e-6
+            keep = span > (self.STATE_SPAN_MIN if name == "state" else 1e-6)
             return (torch.where(keep, 2 / span.clamp_min(1e-6), torch.zeros_like(span)),
                     torch.where(keep, -torch.ones_like(span), torch.zeros_like(span)))
         return self._derived(("norm", name), (lo, hi), build)

@@ -1062,7 +1062,10 @@ def robomimic_file_layout(f: h5py.File) -> str | None:
     return LEGACY_OBS_LAYOUT if version.startswith("1.5") else None
 
 
-def _read_d4rl(f: h5py.File, path: Path) -> Dataset:
+def _read_d4rl(f: h5py.File, path: Path, filter_key: str | None = None) -> Dataset:
+    """D4RL's flat columns, cut into episodes at terminals | timeouts. filter_key: only the episodes whose indices
+    (0-based, in file order) mask/<key> lists; our own files have them where DAgger added episodes
+    (append_d4rl_hdf5), D4RL's own have none."""
     _require(f, ["observations", "actions", "terminals"], path)
     n = len(f["actions"])
     ends = np.asarray(f["terminals"], dtype=bool).ravel()
@@ -1075,8 +1078,19 @@ def _read_d4rl(f: h5py.File, path: Path) -> Dataset:
         cuts = np.append(cuts, n)  # keep the trailing partial episode
     lengths = np.diff(np.r_[0, cuts]).astype(np.int64)
     rewards = np.asarray(f["rewards"], dtype=np.float32).ravel() if "rewards" in f else None
-    return Dataset(np.asarray(f["observations"], dtype=np.float64), np.asarray(f["actions"], dtype=np.float64),
-                   lengths, None, rewards)
+    states, actions = np.asarray(f["observations"], dtype=np.float64), np.asarray(f["actions"], dtype=np.float64)
+    if filter_key is not None:
+        if "mask" not in f or filter_key not in f["mask"]:
+            found = ", ".join(f["mask"].keys()) if "mask" in f else "none"
+            raise TaskError(f"{path}: no filter key mask/{filter_key} (found: {found})")
+        keep = np.asarray(f["mask"][filter_key], dtype=np.int64)
+        if len(keep) and (keep.min() < 0 or keep.max() >= len(lengths)):
+            raise TaskError(f"{path}: mask/{filter_key} lists episodes outside 0..{len(lengths) - 1}")
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(np.r_[0, cuts[:-1]][keep], cuts[keep])] or
+                              [np.zeros(0, dtype=np.int64)])
+        states, actions, lengths = states[rows], actions[rows], lengths[keep]
+        rewards = rewards[rows] if rewards is not None else None
+    return Dataset(states, actions, lengths, None, rewards)
 
 
 def _read_minari(path: Path) -> Dataset:
@@ -1110,7 +1124,7 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
             hint = (f"; run `python collect_demos.py --task {task.name}` "
                     f"(or `python pretrain.py --task {task.name} --download` to fetch the DMPO dataset)")
         raise TaskError(f"{path}: file not found{hint}")
-    robomimic = False
+    masked = False  # a file format with mask/<key> groups (robomimic; our D4RL-layout files)
     try:
         if path.is_dir():
             ds = _read_minari(path)
@@ -1118,18 +1132,19 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
             ds = _read_dppo_npz(path, obs_mode)
         else:
             with h5py.File(path, "r") as f:
-                robomimic = "data" in f
-                if robomimic:
+                masked = "data" in f or "observations" in f
+                if "data" in f:
                     ds = _read_robomimic(f, path, task, obs_mode, filter_key)
                 elif "observations" in f:
-                    ds = _read_d4rl(f, path)
+                    ds = _read_d4rl(f, path, filter_key)
                 else:
                     raise TaskError(f"{path}: neither robomimic ('data/demo_*') nor D4RL ('observations', "
                                     f"'actions', 'terminals', 'timeouts') layout (found: {', '.join(f.keys())})")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # unreadable/corrupt files, odd dtypes
         raise TaskError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
-    if filter_key is not None and not robomimic:
-        raise TaskError(f"{path}: filter key {filter_key!r} given, but only robomimic hdf5 files have mask/<key>")
+    if filter_key is not None and not masked:
+        raise TaskError(f"{path}: filter key {filter_key!r} given, but only hdf5 files (robomimic, D4RL layout) have "
+                        f"mask/<key>")
     ds.path = str(path)
     return _validate(ds, path, task, obs_mode, state_dim, n_cams)
 
@@ -1255,9 +1270,10 @@ def append_robomimic_hdf5(src: str | os.PathLike, dst: str | os.PathLike, episod
     return names
 
 
-def write_d4rl_hdf5(path, data: dict, metadata: dict):
-    """D4RL layout (observations, actions, rewards float32; terminals, timeouts bool) plus metadata/ attrs;
-    atomic: written to path + ".tmp", then renamed (the .tmp is removed if writing fails)."""
+def write_d4rl_hdf5(path, data: dict, metadata: dict, masks: dict | None = None):
+    """D4RL layout (observations, actions, rewards float32; terminals, timeouts bool) plus metadata/ attrs and
+    mask/<key> episode-index lists (DAgger's, see append_d4rl_hdf5); atomic: written to path + ".tmp", then renamed
+    (the .tmp is removed if writing fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp")
@@ -1268,10 +1284,39 @@ def write_d4rl_hdf5(path, data: dict, metadata: dict):
             meta = f.create_group("metadata")
             for key, value in metadata.items():
                 meta.attrs[key] = value
+            for key, value in (masks or {}).items():
+                f.create_dataset(f"mask/{key}", data=np.asarray(value, dtype=np.int64))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def append_d4rl_hdf5(src: str | os.PathLike, dst: str | os.PathLike, data: dict, mask: str,
+                     base_mask: str = "expert") -> list[int]:
+    """The D4RL-layout counterpart of append_robomimic_hdf5: `src`'s columns with `data`'s (whole episodes, the same
+    keys) appended, written to `dst` (may equal src) atomically, metadata kept. mask/<mask> lists the new episodes'
+    indices (extended if it exists); the first time, mask/<base_mask> lists the episodes already there. Returns the
+    new episodes' indices."""
+    src, dst = Path(src), Path(dst)
+    with h5py.File(src, "r") as f:
+        old = {k: np.asarray(f[k]) for k in f if isinstance(f[k], h5py.Dataset)}
+        meta = dict(f["metadata"].attrs) if "metadata" in f else {}
+        masks = {k: np.asarray(f["mask"][k], dtype=np.int64) for k in f["mask"]} if "mask" in f else {}
+    if set(data) != set(old) or old["observations"].shape[1:] != np.shape(data["observations"])[1:]:
+        raise TaskError(f"{src}: columns {sorted(old)} with {old['observations'].shape[1:]} observations; the added "
+                        f"episodes have {sorted(data)} with {np.shape(data['observations'])[1:]}")
+
+    def episodes(cols):  # as _read_d4rl cuts them (a trailing partial episode counts)
+        ends = np.asarray(cols["terminals"], dtype=bool).ravel() | np.asarray(cols.get("timeouts", False), dtype=bool)
+        return int(ends.sum()) + int(len(ends) > 0 and not ends[-1])
+    n_old = episodes(old)
+    new = list(range(n_old, n_old + episodes(data)))
+    masks.setdefault(base_mask, np.arange(n_old, dtype=np.int64))
+    masks[mask] = np.r_[masks.get(mask, np.zeros(0, dtype=np.int64)), new].astype(np.int64)
+    write_d4rl_hdf5(dst, {k: np.concatenate([old[k], np.asarray(data[k], dtype=old[k].dtype)]) for k in old}, meta,
+                    masks)
+    return new
 
 
 HF_BASE_URL = "https://huggingface.co/datasets/Guowei-Zou/DMPO-datasets/resolve/main"

@@ -228,6 +228,8 @@ def test_defaults_table_per_task_and_preset_reach_the_flags_and_help(capsys):
     assert (a.epochs, a.lr, a.batch_size) == (2000, 3e-4, 256)              # a typed flag beats the table
     a = pretrain.parse_args(["--task", "square"])                             # the measured per-task changes
     assert (a.lr, a.dagger_rounds, a.orientation) == (3e-4, 5, "rot6d")
+    a = pretrain.parse_args(["--task", "kitchen-complete"])
+    assert (a.hidden_dim, a.batch_size, a.steps, a.dagger_rounds) == (512, 128, 150_000, 0)
     for argv in (["--task", "square", "--obs", "image"], ["--task", "square", "--preset", "paper"], ["--task", "can"]):
         a = pretrain.parse_args(argv)
         assert (a.lr, a.dagger_rounds, a.orientation) == (1e-4, 0, "quat"), argv

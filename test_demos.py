@@ -499,6 +499,78 @@ def test_expert_is_stateless(task_name, steps, branches):
     env.close()
 
 
+def test_kitchen_expert_is_stateless():
+    """The same for FrankaKitchen (kitchen-complete's four subtasks): the MuJoCo state is qpos and qvel."""
+    from experts import KitchenExpert, sample_order
+    task = tasks.TASKS["kitchen-complete"]
+    env = tasks.make_env(task, seed=3)
+    env.reset()
+    order = sample_order(task.subtasks, np.random.default_rng(5), shuffle=False)
+    expert = KitchenExpert(env.sim_env, order, np.random.default_rng(11), noise=0.05)
+    d = expert.d
+    states, clean, seen = [], [], set()
+    for _ in range(280):
+        states.append((d.qpos.copy(), d.qvel.copy()))
+        action = expert()
+        clean.append(expert.clean)
+        seen.add(expert.phase)
+        if env.step(action)[2]:  # terminated: every subtask done
+            break
+    # every subtask through all of its branches
+    assert {f"{name}:{branch}" for name, branches in (
+        ("microwave", ("pre", "insert", "close", "pull", "release", "back")),
+        ("kettle", ("pre", "insert", "close", "lift", "carry", "lower", "release", "back")),
+        ("light switch", ("pre", "insert", "push", "back")), ("slide cabinet", ("pre", "insert", "push")))
+        for branch in branches} <= seen, seen
+    fresh = KitchenExpert(env.sim_env, order, np.random.default_rng(11), noise=0.05)
+    for i in range(0, len(states), 3):
+        d.qpos[:], d.qvel[:] = states[i]
+        np.testing.assert_allclose(np.clip(fresh.policy(), -1, 1), clean[i], atol=1e-6, err_msg=f"step {i}")
+    d.qpos[:], d.qvel[:] = states[0]
+    a0 = fresh.policy()
+    d.qpos[:], d.qvel[:] = states[100]
+    assert np.abs(fresh.policy() - a0).max() > 0.1
+    env.close()
+
+
+def test_kitchen_dagger_episode_and_d4rl_masks(tmp_path):
+    """A kitchen DAgger episode records the learner's states with the expert's clean labels, in D4RL columns;
+    append_d4rl_hdf5 adds it to a demo file with mask/expert and mask/dagger (episode indices), which
+    load_dataset's filter_key reads; a file of another width is refused."""
+    task = tasks.TASKS["kitchen-complete"]
+    env = tasks.make_env(task, seed=5)
+    learner = _ZeroPolicy(task, obs_steps=2)
+    ep, ok = collect_demos.run_kitchen_episode(env, task, np.random.default_rng(0), 0.05, False, 40, policy=learner,
+                                               beta=0.0)
+    assert not ok and len(ep["actions"]) == 40 and ep["timeouts"][-1] and not ep["terminals"].any()
+    assert len(learner.seen) == 10                   # one chunk of 4 per call, every one the learner's
+    np.testing.assert_array_equal(learner.seen[1], np.concatenate(ep["observations"][3:5]))  # (previous, current)
+    assert np.abs(ep["actions"][:, :7]).max() > 0.3  # the labels: the expert reaching for the microwave, not zeros
+    demos = tmp_path / "k.hdf5"
+    collect("kitchen-complete", 2, out=str(demos), workers=1, seed=1, progress=False)
+    agg = tmp_path / "agg.hdf5"
+    cols = collect_demos.kitchen_d4rl_columns([ep, ep])
+    assert tasks.append_d4rl_hdf5(demos, agg, cols, mask="dagger") == [2, 3]
+    assert tasks.append_d4rl_hdf5(agg, agg, collect_demos.kitchen_d4rl_columns([ep]), mask="dagger") == [4]
+    with h5py.File(agg, "r") as f:
+        assert list(f["mask/expert"][:]) == [0, 1] and list(f["mask/dagger"][:]) == [2, 3, 4]
+        assert f["metadata"].attrs["task"] == "kitchen-complete"
+    both = tasks.load_dataset(agg, "kitchen-complete")
+    only = tasks.load_dataset(agg, "kitchen-complete", filter_key="expert")
+    new = tasks.load_dataset(agg, "kitchen-complete", filter_key="dagger")
+    assert len(both.episode_lengths) == 5 and list(new.episode_lengths) == [40, 40, 40]
+    np.testing.assert_array_equal(only.states, tasks.load_dataset(demos, "kitchen-complete").states)
+    np.testing.assert_array_equal(new.actions[-40:], ep["actions"])
+    with pytest.raises(tasks.TaskError, match="no filter key mask/train"):
+        tasks.load_dataset(agg, "kitchen-complete", filter_key="train")
+    with pytest.raises(tasks.TaskError, match="added episodes have"):
+        bad = dict(cols, observations=np.zeros((80, 60), dtype=np.float32))
+        tasks.append_d4rl_hdf5(demos, tmp_path / "bad.hdf5", bad, mask="dagger")
+    with pytest.raises(tasks.TaskError, match="D4RL layout"):
+        collect_demos.check_oracle(agg, task_name="kitchen-complete", progress=False)
+    env.close()
+
+
 def test_transport_expert_leaves_joint_limits():
     """robot1 put where a DAgger learner left it (forearm turned, wrist joint 6 on its upper limit): the expert's
     joint-limit clamp moves the wrist off the limit and the arm on; the same expert without the clamp holds the joint on
@@ -546,12 +618,12 @@ class _ZeroPolicy:
     """A learner that always outputs a zero chunk (stands in for a checkpoint's policy); with obs_steps = 2 it checks
     that it is handed (previous state, state)."""
     def __init__(self, task, obs_steps=1):
-        self.shape = (task.chunk, task.act_dim)
+        self.shape, self.obs_dim = (task.chunk, task.act_dim), task.obs_dim
         self.cfg = SimpleNamespace(obs_steps=obs_steps)
         self.seen = []
 
     def act(self, obs):
-        assert obs["state"].shape == (self.cfg.obs_steps * tasks.TASKS["square"].obs_dim,)
+        assert obs["state"].shape == (self.cfg.obs_steps * self.obs_dim,)
         self.seen.append(obs["state"])
         return np.zeros(self.shape)
 

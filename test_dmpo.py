@@ -452,13 +452,16 @@ def test_normalization_round_trip_and_constant_dims():
     rng = np.random.default_rng(0)
     a_min, a_max = -rng.random(3) * 5, rng.random(3) * 5 + 0.1
     s_min, s_max = np.zeros(5), np.array([1, 2, 3, 4, 0.0])         # last state dim is constant in the data
+    s_max[3] = 1e-4            # and the one before it only noise (e.g. a kitchen object no subtask touches)
     p.set_normalization(s_min, s_max, a_min, a_max)
     a = torch.tensor(rng.uniform(a_min, a_max, (10, 3)), dtype=torch.float32)
     an = p.normalize_action(a)
     assert an.min() >= -1 - 1e-5 and an.max() <= 1 + 1e-5
     assert torch.allclose(p.unnormalize_action(an), a, atol=1e-5)
-    sn = p.normalize_state(torch.tensor([[0.5, 1, 1.5, 2, 7.0]]))
+    sn = p.normalize_state(torch.tensor([[0.5, 1, 1.5, 0.3, 7.0]]))   # far outside both: still 0, not 6e3
     assert torch.allclose(sn, torch.tensor([[0.0, 0, 0, 0, 0]]), atol=1e-6)
+    p.set_normalization(s_min, s_max * 0 + 2e-3, a_min, a_max)        # a 2e-3 span is a real signal: scaled
+    assert torch.allclose(p.normalize_state(torch.full((1, 5), 1e-3)), torch.zeros(1, 5), atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
         p.set_normalization(s_min[:4], s_max, a_min, a_max)
     with pytest.raises(ValueError, match="NaN"):
