@@ -980,7 +980,7 @@ class KitchenExpert:
         """Free hand to `grasp` via the pre-grasp point `pre`: inside a cylinder of radius `tol` around the segment
         pre -> grasp (twice that past its first 3 cm) with the orientation R_t (within 0.15 rad; `rtol` past the first
         3 cm), come in along it; elsewhere go to `pre` first."""
-        p, _ = self.ee()
+        p, R = self.ee()
         length = float(np.linalg.norm(grasp - pre))
         axis = (grasp - pre) / length
         rel = grasp - p
@@ -989,7 +989,7 @@ class KitchenExpert:
         # entering at the pre-grasp end takes the tolerances; once on the way in, only gross errors send it back
         entering = along > length - 0.03
         if (lateral < (tol if entering else 2 * tol) and -0.01 < along < length + 0.02
-                and np.linalg.norm(rot_err(R_t, self.ee()[1])) < (0.15 if entering else rtol)):
+                and np.linalg.norm(rot_err(R_t, R)) < (0.15 if entering else rtol)):
             self.phase = f"{name}:insert"
             return self.ik(grasp, R_t, grip, vmax=vmax)
         self.phase = f"{name}:pre"

@@ -1062,20 +1062,26 @@ def robomimic_file_layout(f: h5py.File) -> str | None:
     return LEGACY_OBS_LAYOUT if version.startswith("1.5") else None
 
 
+def _d4rl_cuts(cols) -> np.ndarray:
+    """The end (exclusive) of each episode in D4RL columns (an h5py file or a dict): after every terminal or timeout
+    (D4RL marks the 1000-step time limit in timeouts, not in terminals), and a trailing partial episode is kept."""
+    ends = np.asarray(cols["terminals"], dtype=bool).ravel()
+    if "timeouts" in cols:
+        ends = ends | np.asarray(cols["timeouts"], dtype=bool).ravel()
+    cuts = np.flatnonzero(ends) + 1
+    return cuts if len(cuts) and cuts[-1] == len(ends) else np.append(cuts, len(ends))
+
+
 def _read_d4rl(f: h5py.File, path: Path, filter_key: str | None = None) -> Dataset:
     """D4RL's flat columns, cut into episodes at terminals | timeouts. filter_key: only the episodes whose indices
     (0-based, in file order) mask/<key> lists; our own files have them where DAgger added episodes
     (append_d4rl_hdf5), D4RL's own have none."""
     _require(f, ["observations", "actions", "terminals"], path)
     n = len(f["actions"])
-    ends = np.asarray(f["terminals"], dtype=bool).ravel()
-    if "timeouts" in f:  # D4RL marks the 1000-step time limit here, not in terminals
-        ends = ends | np.asarray(f["timeouts"], dtype=bool).ravel()
-    if len(ends) != n:
-        raise TaskError(f"{path}: terminals/timeouts have {len(ends)} entries, actions have {n}")
-    cuts = np.flatnonzero(ends) + 1
-    if not len(cuts) or cuts[-1] != n:
-        cuts = np.append(cuts, n)  # keep the trailing partial episode
+    for key in ("terminals", "timeouts"):
+        if key in f and len(f[key]) != n:
+            raise TaskError(f"{path}: terminals/timeouts have {len(f[key])} entries, actions have {n}")
+    cuts = _d4rl_cuts(f)
     lengths = np.diff(np.r_[0, cuts]).astype(np.int64)
     rewards = np.asarray(f["rewards"], dtype=np.float32).ravel() if "rewards" in f else None
     states, actions = np.asarray(f["observations"], dtype=np.float64), np.asarray(f["actions"], dtype=np.float64)
@@ -1124,7 +1130,6 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
             hint = (f"; run `python collect_demos.py --task {task.name}` "
                     f"(or `python pretrain.py --task {task.name} --download` to fetch the DMPO dataset)")
         raise TaskError(f"{path}: file not found{hint}")
-    masked = False  # a file format with mask/<key> groups (robomimic; our D4RL-layout files)
     try:
         if path.is_dir():
             ds = _read_minari(path)
@@ -1132,7 +1137,6 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
             ds = _read_dppo_npz(path, obs_mode)
         else:
             with h5py.File(path, "r") as f:
-                masked = "data" in f or "observations" in f
                 if "data" in f:
                     ds = _read_robomimic(f, path, task, obs_mode, filter_key)
                 elif "observations" in f:
@@ -1142,7 +1146,7 @@ def load_dataset(path: str | os.PathLike, task: Task | str, obs_mode: str = "sta
                                     f"'actions', 'terminals', 'timeouts') layout (found: {', '.join(f.keys())})")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # unreadable/corrupt files, odd dtypes
         raise TaskError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
-    if filter_key is not None and not masked:
+    if filter_key is not None and (path.is_dir() or path.suffix == ".npz"):  # formats without mask/<key>
         raise TaskError(f"{path}: filter key {filter_key!r} given, but only hdf5 files (robomimic, D4RL layout) have "
                         f"mask/<key>")
     ds.path = str(path)
@@ -1306,12 +1310,8 @@ def append_d4rl_hdf5(src: str | os.PathLike, dst: str | os.PathLike, data: dict,
     if set(data) != set(old) or old["observations"].shape[1:] != np.shape(data["observations"])[1:]:
         raise TaskError(f"{src}: columns {sorted(old)} with {old['observations'].shape[1:]} observations; the added "
                         f"episodes have {sorted(data)} with {np.shape(data['observations'])[1:]}")
-
-    def episodes(cols):  # as _read_d4rl cuts them (a trailing partial episode counts)
-        ends = np.asarray(cols["terminals"], dtype=bool).ravel() | np.asarray(cols.get("timeouts", False), dtype=bool)
-        return int(ends.sum()) + int(len(ends) > 0 and not ends[-1])
-    n_old = episodes(old)
-    new = list(range(n_old, n_old + episodes(data)))
+    n_old = len(_d4rl_cuts(old))
+    new = list(range(n_old, n_old + len(_d4rl_cuts(data))))
     masks.setdefault(base_mask, np.arange(n_old, dtype=np.int64))
     masks[mask] = np.r_[masks.get(mask, np.zeros(0, dtype=np.int64)), new].astype(np.int64)
     write_d4rl_hdf5(dst, {k: np.concatenate([old[k], np.asarray(data[k], dtype=old[k].dtype)]) for k in old}, meta,
