@@ -80,8 +80,8 @@ def _robomimic_obs(env, task, images: bool, obs_rgb=None, force: bool = False) -
     return out
 
 
-def run_arm_episode(env, task, rng, noise: float, images: bool, max_steps: int):
-    """Run one scripted episode. Returns (episode dict, success)."""
+def run_arm_episode(env, task, rng, noise: float, images: bool, max_steps: int, labels: str = "executed"):
+    """Run one scripted episode. Returns (episode dict, success). labels: see LABELS."""
     obs = env.reset()
     sim_env = env.sim_env
     model_file = sim_env.sim.model.get_xml()
@@ -99,7 +99,7 @@ def run_arm_episode(env, task, rng, noise: float, images: bool, max_steps: int):
         action = expert()
         obs, reward, terminated, truncated, info = env.step(action)
         ok = bool(info.get("success", False))
-        ep["actions"].append(action)
+        ep["actions"].append(expert.clean if labels == "clean" else action)
         ep["rewards"].append(float(reward))
         ep["dones"].append(int(ok))
         if ok and success_at is None:
@@ -120,7 +120,8 @@ def _pack_episode(ep: dict, obs_seq: list, model_file: str) -> dict:
             "obs": {k: np.stack([o[k] for o in obs_seq]) for k in obs_seq[0]}, "model_file": model_file}
 
 
-def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: int, policy=None, beta: float = 1.0):
+def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: int, labels: str = "executed",
+                        policy=None, beta: float = 1.0):
     """One scripted episode on a tasks.KitchenEnv. Returns (episode dict in D4RL columns, success).
 
     success = every subtask holds in the *final* state (the env latches a subtask the first time it is
@@ -128,7 +129,8 @@ def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: i
     The episode stops when the env terminates (all subtasks latched) or after max_steps.
     With a `policy`, a DAgger episode (see run_dagger_episode): each chunk is the policy's (one-step `act`, run
     open-loop) with probability 1 - beta, else the expert's noisy actions, and every step records the expert's
-    clean action at the visited state (the label) instead of the executed one.
+    clean action at the visited state (the label) instead of the executed one; labels="clean" records that label
+    in expert episodes too (see LABELS).
     """
     if images:
         raise tasks.TaskError(f"task {task.name} is state-only: drop --images")
@@ -144,7 +146,7 @@ def run_kitchen_episode(env, task, rng, noise: float, images: bool, max_steps: i
         for k in range(1 if chunk is None else len(chunk)):
             action = expert()
             observations.append(obs["state"])
-            actions.append(expert.clean if policy is not None else action)
+            actions.append(expert.clean if policy is not None or labels == "clean" else action)
             obs, reward, terminated, truncated, info = env.step(action if chunk is None else chunk[k])
             policy_obs = hist.push(obs) if policy is not None else None
             rewards.append(reward)
@@ -169,7 +171,7 @@ def kitchen_d4rl_columns(episodes: list) -> dict:
     return {k: np.concatenate([ep[k] for ep in episodes]) for k in keys}
 
 
-def kitchen_metadata(task, seed: int, noise: float, stats: dict) -> dict:
+def kitchen_metadata(task, seed: int, noise: float, labels: str, stats: dict) -> dict:
     import gymnasium
     import gymnasium_robotics
     import mujoco
@@ -177,6 +179,7 @@ def kitchen_metadata(task, seed: int, noise: float, stats: dict) -> dict:
     return {"task": task.name, "env_id": task.env_id, "subtasks": json.dumps(list(task.subtasks)),
             "observation": "FrankaKitchen-v1 59-D: robot qpos 9, robot qvel 9, object qpos 21, object qvel 20",
             "policy": "scripted DLS-IK expert (experts.KitchenExpert)", "seed": seed, "action_noise": noise,
+            "action_labels": LABELS[labels],
             "episodes": stats["episodes"], "attempts": stats["attempts"],
             "rewards": "subtasks newly completed at the step (env reward)",
             "filter": "kept episodes whose final state satisfies every subtask",
@@ -189,11 +192,16 @@ def kitchen_metadata(task, seed: int, noise: float, stats: dict) -> dict:
 RUNNERS = {"lift": run_arm_episode, "can": run_arm_episode, "square": run_arm_episode, "transport": run_arm_episode,
            **{name: collect_locomotion for name in TEACHERS},
            **{name: run_kitchen_episode for name, t in tasks.TASKS.items() if t.suite == "kitchen"}}
+# What an episode records as its action. "executed": the action sent to the env, expert plus noise, as a human demo
+# records it. "clean": the expert's noiseless action at the state the noisy execution reached; the noise then only
+# spreads the states (DART, Laskey et al. 2017, arXiv 1703.09327), and every label is the expert's correction there.
+LABELS = {"executed": "the executed action (expert + Gaussian noise)",
+          "clean": "the expert's noiseless action at the visited state (DART)"}
 EPISODE_STEPS = {"lift": 200, "can": 400, "square": 400, "transport": 800}  # scripted-episode caps (steps)
 
 
 # ----------------------------------------------------------------------------- collection
-def _collect_worker(task_name, quota, max_attempts, seed, images, noise, keep_failures, emit):
+def _collect_worker(task_name, quota, max_attempts, seed, images, noise, labels, keep_failures, emit):
     """Collect `quota` successful episodes with one env; report each through emit(kind, payload)."""
     task = tasks.TASKS[task_name]
     env = tasks.make_env(task, obs_mode="image" if images else "state", seed=seed)
@@ -201,7 +209,7 @@ def _collect_worker(task_name, quota, max_attempts, seed, images, noise, keep_fa
     max_steps = min(EPISODE_STEPS.get(task_name, task.max_episode_steps), task.max_episode_steps)
     successes = attempts = 0
     while successes < quota and attempts < max_attempts:
-        ep, ok = RUNNERS[task_name](env, task, rng, noise, images, max_steps)
+        ep, ok = RUNNERS[task_name](env, task, rng, noise, images, max_steps, labels=labels)
         attempts += 1
         successes += ok
         ep["success"] = ok
@@ -517,7 +525,7 @@ def make_missing(task_name, episodes, images, out) -> dict:
     return collect(task_name, episodes, images=images, out=out)
 
 
-def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, noise=0.05,
+def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, noise=0.05, labels="executed",
             keep_failures=False, max_attempts=None, progress=True, **teacher_kwargs) -> dict:
     """Collect `episodes` successful scripted demos of `task_name` and write them to `out`.
 
@@ -569,7 +577,8 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
         if bar is not None:
             bar.set_postfix(attempts=n_att[0], refresh=False)
 
-    jobs = [(task_name, quotas[w], caps[w], seed + 1000 * w, images, noise, keep_failures) for w in range(workers)]
+    jobs = [(task_name, quotas[w], caps[w], seed + 1000 * w, images, noise, labels, keep_failures)
+            for w in range(workers)]
     if images and task.suite == "robosuite":
         tasks.setup_rendering()  # pick MUJOCO_GL once here; the workers inherit it
     try:
@@ -585,7 +594,7 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
     successes = sum(s["successes"] for s in stats)
     episodes_out = [ep for w in range(workers) for ep in kept[w]]
     if episodes_out and task.suite == "kitchen":  # D4RL layout, like the kitchen-*-v0 files tasks.py also reads
-        meta = kitchen_metadata(task, seed, noise, {"episodes": len(episodes_out), "attempts": attempts})
+        meta = kitchen_metadata(task, seed, noise, labels, {"episodes": len(episodes_out), "attempts": attempts})
         tasks.write_d4rl_hdf5(out, kitchen_d4rl_columns(episodes_out), meta)
     elif episodes_out:
         _write(out, episodes_out, env_args_for(task, images), keep_failures)
@@ -597,6 +606,7 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
         "workers": workers,
         "seed": seed,
         "noise": noise,
+        "labels": labels,
         "successes": successes,
         "attempts": attempts,
         "success_rate": successes / max(attempts, 1),
@@ -792,6 +802,9 @@ def main():
     p.add_argument("--workers", type=cli.positive_int, default=2, help="parallel collection processes (one per core)")
     p.add_argument("--seed", type=int, default=0, help="base seed; worker w uses seed + 1000*w")
     p.add_argument("--noise", type=cli.nonneg_float, default=0.05, help="std of Gaussian action noise (x0.3 on rotation)")
+    p.add_argument("--labels", choices=sorted(LABELS), default="executed",
+                   help="record the executed (noisy) action, as a human demo would, or the expert's clean action at "
+                        "the visited state (DART)")
     p.add_argument("--keep-failures", action="store_true", help="also write failed episodes")
     g = p.add_argument_group("DAgger: recovery data where a trained policy goes (robosuite tasks with a stateless expert)")
     g.add_argument("--dagger", metavar="CKPT", default=None,
@@ -842,7 +855,7 @@ def main():
                               teacher_dir=args.teacher_dir, teacher=args.teacher)
     try:
         s = collect(args.task, args.episodes, images=args.images, out=args.out, workers=args.workers,
-                    seed=args.seed, noise=args.noise, keep_failures=args.keep_failures,
+                    seed=args.seed, noise=args.noise, labels=args.labels, keep_failures=args.keep_failures,
                     max_attempts=args.max_attempts, **teacher_kwargs)
     except tasks.TaskError as e:
         sys.exit(f"error: {e}")

@@ -450,6 +450,16 @@ def test_kitchen_expert_demo_in_d4rl_layout(tmp_path):
     ds = tasks.load_dataset(out, "kitchen-complete")
     assert ds.states.shape[1] == 59 and len(ds.episode_lengths) == 1 and ds.episode_lengths[0] <= 280
     assert ds.rewards.sum() == 4.0 and np.abs(ds.actions).max() <= 1.0
+    # labels="clean" (DART): the same noisy run (same seed, same states) records the expert's noiseless action:
+    # it differs from the executed one by the arm noise (std 0.05, clipped at the range), never on the fingers
+    clean = tmp_path / "clean.hdf5"
+    collect("kitchen-complete", 1, out=str(clean), workers=1, seed=1, max_attempts=1, progress=False, labels="clean")
+    dc = tasks.load_dataset(clean, "kitchen-complete")
+    np.testing.assert_array_equal(dc.states, ds.states)
+    diff = ds.actions - dc.actions
+    assert 0.03 < diff[:, :7].std() < 0.06 and not diff[:, 7:].any()
+    with h5py.File(clean) as f:
+        assert "DART" in f["metadata"].attrs["action_labels"]
     with pytest.raises(tasks.TaskError, match="state-only"):
         collect("kitchen-complete", 1, images=True, out=str(tmp_path / "x.hdf5"), workers=1)
 
