@@ -546,6 +546,8 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
         raise TypeError(f"{', '.join(teacher_kwargs)}: only for locomotion tasks ({', '.join(TEACHERS)})")
     if episodes < 1:
         raise tasks.TaskError(f"--episodes must be >= 1, got {episodes}")
+    if labels not in LABELS:
+        raise tasks.TaskError(f"--labels must be one of {', '.join(LABELS)}, got {labels!r}")
     task = tasks.TASKS[task_name]
     if task.suite == "kitchen" and (images or keep_failures):  # D4RL layout: no cameras, no success masks
         raise tasks.TaskError(f"task {task_name} writes state-only D4RL-layout data: drop --images/--keep-failures")

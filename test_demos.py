@@ -460,6 +460,8 @@ def test_kitchen_expert_demo_in_d4rl_layout(tmp_path):
     assert 0.03 < diff[:, :7].std() < 0.06 and not diff[:, 7:].any()
     with h5py.File(clean) as f:
         assert "DART" in f["metadata"].attrs["action_labels"]
+    with pytest.raises(tasks.TaskError, match="--labels must be one of executed, clean, got 'noisy'"):
+        collect("kitchen-complete", 1, out=str(tmp_path / "x.hdf5"), workers=1, labels="noisy")
     with pytest.raises(tasks.TaskError, match="state-only"):
         collect("kitchen-complete", 1, images=True, out=str(tmp_path / "x.hdf5"), workers=1)
 
