@@ -1196,10 +1196,12 @@ def _validate(ds: Dataset, path: Path, task: Task, obs_mode: str, state_dim: int
 # Writing robomimic / D4RL files and downloading DMPO datasets
 # ----------------------------------------------------------------------------------------------
 def write_robomimic_hdf5(path: str | os.PathLike, episodes: list[dict], env_args: dict,
-                         compress_images: bool = True, obs_layout: str | None = None) -> None:
+                         compress_images: bool = True, obs_layout: str | None = None,
+                         collection: dict | None = None) -> None:
     """Write episodes in robomimic's layout, atomically (path + ".tmp", then os.replace).
 
     obs_layout (e.g. OBS_LAYOUT) is stored as data attrs "obs_layout", the marker load_dataset checks.
+    collection (how the demos were made, e.g. the action noise) is stored as JSON in data attrs "collection".
 
     Each episode: actions (T,A), states (T,S) flattened sim states, rewards (T,), dones (T,),
     obs {key: (T,...)}, optional next_obs {key: (T,...)} and model_file (MJCF xml string).
@@ -1217,6 +1219,8 @@ def write_robomimic_hdf5(path: str | os.PathLike, episodes: list[dict], env_args
         data.attrs["env_args"] = json.dumps(env_args)
         if obs_layout is not None:
             data.attrs["obs_layout"] = obs_layout
+        if collection is not None:
+            data.attrs["collection"] = json.dumps(collection)
         for name, ep in zip(names, episodes):
             _write_demo(data, name, ep, compress_images)
         f.create_dataset("mask/train", data=np.array(names[:len(names) - n_valid], dtype="S"))

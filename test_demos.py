@@ -111,6 +111,9 @@ def test_states_reproduce_observations(lift2):
     demos = read_demos(out)
     with h5py.File(out, "r") as f:
         assert f["data"].attrs["obs_layout"] == tasks.OBS_LAYOUT
+        made = json.loads(f["data"].attrs["collection"])  # how the demos were made: lift's defaults
+        assert made["expert"] == "experts.LiftExpert" and made["action_noise"] == 0.05
+        assert made["action_labels"] == collect_demos.LABELS["executed"]
     env = tasks.make_env("lift", seed=0)
     env.reset()
     keys = list(tasks.TASKS["lift"].proprio_keys) + ["object"]
@@ -441,8 +444,14 @@ def test_kitchen_expert_demo_in_d4rl_layout(tmp_path):
     # One seeded expert episode through collect() (the expert finishes all four subtasks in ~97% of episodes;
     # seed 1's does): kept episodes hold every subtask in their final state, load back as 59-D D4RL-layout
     # data, and earn one reward per subtask.
+    # By default kitchen data is DART's (noise 0.15, clean labels; 44% vs 7% full sequences for executed labels at 0.05)
+    s = collect("kitchen-complete", 1, out=str(tmp_path / "dart.hdf5"), workers=1, seed=1, max_attempts=1, progress=False)
+    assert (s["successes"], s["noise"], s["labels"]) == (1, 0.15, "clean")
+    with h5py.File(tmp_path / "dart.hdf5") as f:
+        assert f["metadata"].attrs["action_noise"] == 0.15 and "DART" in f["metadata"].attrs["action_labels"]
     out = tmp_path / "kitchen.hdf5"
-    s = collect("kitchen-complete", 1, out=str(out), workers=1, seed=1, max_attempts=1, progress=False)
+    s = collect("kitchen-complete", 1, out=str(out), workers=1, seed=1, max_attempts=1, progress=False,
+                noise=0.05, labels="executed")
     assert (s["successes"], s["attempts"]) == (1, 1)
     with h5py.File(out) as f:
         assert {"observations", "actions", "rewards", "terminals", "timeouts"} <= set(f.keys())
@@ -453,7 +462,8 @@ def test_kitchen_expert_demo_in_d4rl_layout(tmp_path):
     # labels="clean" (DART): the same noisy run (same seed, same states) records the expert's noiseless action:
     # it differs from the executed one by the arm noise (std 0.05, clipped at the range), never on the fingers
     clean = tmp_path / "clean.hdf5"
-    collect("kitchen-complete", 1, out=str(clean), workers=1, seed=1, max_attempts=1, progress=False, labels="clean")
+    collect("kitchen-complete", 1, out=str(clean), workers=1, seed=1, max_attempts=1, progress=False, noise=0.05,
+            labels="clean")
     dc = tasks.load_dataset(clean, "kitchen-complete")
     np.testing.assert_array_equal(dc.states, ds.states)
     diff = ds.actions - dc.actions
