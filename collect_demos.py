@@ -171,15 +171,16 @@ def kitchen_d4rl_columns(episodes: list) -> dict:
     return {k: np.concatenate([ep[k] for ep in episodes]) for k in keys}
 
 
-def kitchen_metadata(task, seed: int, noise: float, labels: str, stats: dict) -> dict:
+def kitchen_metadata(task, made: dict, stats: dict) -> dict:
+    """D4RL-layout metadata/ attrs: the task, the env, `made` (collect()'s record of how the demos were made) and
+    the kept/attempted counts in `stats`."""
     import gymnasium
     import gymnasium_robotics
     import mujoco
 
     return {"task": task.name, "env_id": task.env_id, "subtasks": json.dumps(list(task.subtasks)),
             "observation": "FrankaKitchen-v1 59-D: robot qpos 9, robot qvel 9, object qpos 21, object qvel 20",
-            "policy": "scripted DLS-IK expert (experts.KitchenExpert)", "seed": seed, "action_noise": noise,
-            "action_labels": LABELS[labels],
+            "policy": "scripted DLS-IK expert (experts.KitchenExpert)", **made,
             "episodes": stats["episodes"], "attempts": stats["attempts"],
             "rewards": "subtasks newly completed at the step (env reward)",
             "filter": "kept episodes whose final state satisfies every subtask",
@@ -565,8 +566,9 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
         raise TypeError(f"{', '.join(teacher_kwargs)}: only for locomotion tasks ({', '.join(TEACHERS)})")
     if episodes < 1:
         raise tasks.TaskError(f"--episodes must be >= 1, got {episodes}")
-    noise = collection_defaults(task_name)["noise"] if noise is None else noise
-    labels = collection_defaults(task_name)["labels"] if labels is None else labels
+    default = collection_defaults(task_name)
+    noise = default["noise"] if noise is None else noise
+    labels = default["labels"] if labels is None else labels
     if labels not in LABELS:
         raise tasks.TaskError(f"--labels must be one of {', '.join(LABELS)}, got {labels!r}")
     task = tasks.TASKS[task_name]
@@ -616,13 +618,13 @@ def collect(task_name, episodes=100, images=False, out=None, workers=2, seed=0, 
     attempts = sum(s["attempts"] for s in stats)
     successes = sum(s["successes"] for s in stats)
     episodes_out = [ep for w in range(workers) for ep in kept[w]]
+    made = {"seed": seed, "workers": workers, "action_noise": noise, "action_labels": LABELS[labels]}  # either layout
     if episodes_out and task.suite == "kitchen":  # D4RL layout, like the kitchen-*-v0 files tasks.py also reads
-        meta = kitchen_metadata(task, seed, noise, labels, {"episodes": len(episodes_out), "attempts": attempts})
+        meta = kitchen_metadata(task, made, {"episodes": len(episodes_out), "attempts": attempts})
         tasks.write_d4rl_hdf5(out, kitchen_d4rl_columns(episodes_out), meta)
     elif episodes_out:
         _write(out, episodes_out, env_args_for(task, images), keep_failures,
-               {"expert": f"experts.{EXPERTS[task_name].__name__}", "seed": seed, "workers": workers,
-                "action_noise": noise, "action_labels": LABELS[labels]})
+               {"expert": f"experts.{EXPERTS[task_name].__name__}", **made})
     minutes = (time.time() - t0) / 60.0
     return {
         "task": task_name,
