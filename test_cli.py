@@ -229,8 +229,13 @@ def test_defaults_table_per_task_and_preset_reach_the_flags_and_help(capsys):
     a = pretrain.parse_args(["--task", "square"])                             # the measured per-task changes
     assert (a.lr, a.dagger_rounds, a.orientation) == (3e-4, 5, "rot6d")
     a = pretrain.parse_args(["--task", "kitchen-complete"])
-    assert (a.hidden_dim, a.batch_size, a.steps, a.dagger_rounds) == (512, 128, 150_000, 0)
-    for argv in (["--task", "square", "--obs", "image"], ["--task", "square", "--preset", "paper"], ["--task", "can"]):
+    assert (a.hidden_dim, a.batch_size, a.steps, a.dagger_rounds, a.alpha_disp) == (512, 128, 150_000, 0, 0.0)
+    a = pretrain.parse_args(["--task", "can"])
+    assert (a.lr, a.demos, a.alpha_disp) == (3e-4, 300, 0.5)
+    assert pretrain.parse_args(["--task", "lift"]).alpha_disp == 0.0                # dropped where it cost success
+    for argv in (["--task", "lift", "--obs", "image"], ["--task", "kitchen-partial"], ["--task", "lift", "--preset", "paper"]):
+        assert pretrain.parse_args(argv).alpha_disp == 0.5, argv                 # the released configs' weight
+    for argv in (["--task", "square", "--obs", "image"], ["--task", "square", "--preset", "paper"], ["--task", "lift"]):
         a = pretrain.parse_args(argv)
         assert (a.lr, a.dagger_rounds, a.orientation) == (1e-4, 0, "quat"), argv
     a = finetune.parse_args(["--task", "can", "--preset", "paper"])
