@@ -1,6 +1,6 @@
 """Fine-tune a pretrained DMPO policy with PPO: the one-step MeanFlow policy improves past its demonstrations.
 
-    python finetune.py --ckpt runs/lift_state_meanflow_a0_s0/latest.pt          # K = 1, per-task defaults
+    python finetune.py --ckpt runs/lift_state_meanflow_a0_s0/latest.pt            # K = 1, per-task defaults
     python finetune.py --ckpt runs/hopper_.../latest.pt --max-minutes 60 --eval-every 10
     python finetune.py --ckpt ... --bc-coef 0                                       # no BC regularizer (ablation)
     python finetune.py --out runs/ft_lift_state_K1_bc0.05_s0 --resume --iterations 200
