@@ -234,6 +234,7 @@ def test_transport_two_arm_demo(tmp_path):
     out = tmp_path / "transport.hdf5"
     s = collect("transport", 1, out=str(out), workers=1, seed=0, progress=False)
     assert s["successes"] == 1 and s["attempts"] == 1 and s["episodes_written"] == 1
+    assert (s["noise"], s["labels"]) == (0.1, "clean")  # transport's default data is DART's, as kitchen's
     with h5py.File(out, "r") as f:
         assert json.loads(f["data"].attrs["env_args"])["env_kwargs"]["robots"] == ["Panda", "Panda"]
         g = f["data/demo_0"]
