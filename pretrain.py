@@ -74,17 +74,17 @@ PAPER_TASK_EPOCHS = {"walker2d": (80, 10), "kitchen-partial": (5000, 100), "kitc
 # to step; and a 3x higher learning rate. Transport, the longest task (two arms, ~500 steps), gets rot6d, lr 3e-4 and
 # an observation history of 2 (which took square from 82% to 90%), but no DAgger rounds: its demos are DART's
 # (collect_demos.COLLECTION: the expert's clean action at states visited under noise 0.1), on which 100k steps reach
-# 62% / 64% one-step success (50 episodes on each of two evaluation seed sets), where five DAgger rounds on
-# human-like demos had left it at 0/50; and no dispersive term (same data, steps and seed: alpha 0.9 scored 24%).
-# Kitchen-complete's policy under-fits the IK expert's
-# joint-space actions at the reference's 0.17M-parameter size (action error 0.12 on its own training states): 512
-# wide, batch 128 and 150k steps (~43 min on one core) took it from 0% / 0.84 subtasks per episode to 7% / 2.0; DAgger
-# rounds did not help there (8% / 1.67: more varied states for the same capacity), so it has none. Lift drops the
-# dispersive term: same data and seed, alpha 0 scored 200/200 over both evaluation seed sets against 187/200 at 0.5
-# (the term stretched the embedding 7x without raising its rank). Can gets 300 demos and square's learning rate
-# (99% at 30k steps; 100 demos at lr 1e-4 had reached 80%, measured in an older observation layout). Kitchen-complete
-# drops the dispersive term too: on its default data alpha 0 finished 449/600 evaluation episodes over three training
-# seeds (73/64%, 73/77%, 81/81% on two evaluation seed sets), alpha 0.5 227/400 over two (44/50%, 60/73%).
+# 62% / 64% one-step success (50 episodes on each of two evaluation seed sets), where five DAgger rounds on human-like
+# demos had left it at 0/50; and no dispersive term (same data, steps and seed: alpha 0.9 scored 24% / 28%).
+# Kitchen-complete's policy under-fits the IK expert's joint-space actions at the reference's 0.17M-parameter size
+# (action error 0.12 on its own training states): 512 wide, batch 128 and 150k steps (~43 min on one core) took it
+# from 0% / 0.84 subtasks per episode to 7% / 2.0; DAgger rounds did not help there (8% / 1.67: more varied states for
+# the same capacity), so it has none. Lift drops the dispersive term: same data and seed, alpha 0 scored 200/200 over
+# both evaluation seed sets against 187/200 at 0.5 (the term stretched the embedding 7x without raising its rank). Can
+# gets 300 demos and square's learning rate (99% at 30k steps; 100 demos at lr 1e-4 had reached 80%, measured in an
+# older observation layout). Kitchen-complete drops the dispersive term too: on its default data alpha 0 finished
+# 449/600 evaluation episodes over three training seeds (73/64%, 73/77%, 81/81% on two evaluation seed sets), alpha
+# 0.5 227/400 over two (44/50%, 60/73%).
 CPU_STATE_TASK = {"lift": dict(alpha_disp=0.0),
                   "can": dict(lr=3e-4, demos=300),
                   "square": dict(lr=3e-4, dagger_rounds=5, orientation="rot6d"),
