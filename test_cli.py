@@ -230,6 +230,9 @@ def test_defaults_table_per_task_and_preset_reach_the_flags_and_help(capsys):
     assert (a.lr, a.dagger_rounds, a.orientation) == (3e-4, 5, "rot6d")
     a = pretrain.parse_args(["--task", "transport"])                          # DART data instead of DAgger rounds
     assert (a.lr, a.dagger_rounds, a.orientation, a.obs_steps, a.steps, a.alpha_disp) == (3e-4, 0, "rot6d", 2, 100_000, 0.0)
+    a = pretrain.parse_args(["--task", "transport", "--alpha-disp", "0.9"])  # the headline command: the released form
+    assert (a.alpha_disp, a.disp_loss) == (0.9, "infonce_l2_released")
+    assert pretrain.parse_args(["--task", "square"]).disp_loss == "infonce_l2"      # the paper's form elsewhere
     a = pretrain.parse_args(["--task", "kitchen-complete"])
     assert (a.hidden_dim, a.batch_size, a.steps, a.dagger_rounds, a.alpha_disp) == (512, 128, 150_000, 0, 0.0)
     a = pretrain.parse_args(["--task", "can"])
